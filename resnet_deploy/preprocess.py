@@ -1,0 +1,235 @@
+"""The preprocessing spec, the one image loader, and the model metadata that carries both.
+
+Export writes a :class:`ModelMetadata` record into the ONNX file's ``metadata_props``;
+every later step (quantize, parity, evaluate, bench) reads it back with
+:func:`read_metadata`, so that no step can drift from the preprocessing used at export.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
+
+import numpy as np
+
+from .errors import UserError
+
+if TYPE_CHECKING:
+    import onnx
+    from PIL import Image
+
+log = logging.getLogger(__name__)
+
+METADATA_KEY = "resnet_deploy"
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+
+
+def default_resize(input_size: int) -> int:
+    """torchvision's eval convention: resize to size/0.875 (256 for 224), then centre-crop."""
+    return int(round(input_size / 0.875))
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """Resize the shorter side, centre-crop, scale to [0,1], normalise; RGB, NCHW float32."""
+
+    input_size: int = 224
+    resize_size: int = 256
+    interpolation: str = "bilinear"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    channel_order: str = "RGB"
+    layout: str = "NCHW"
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.input_size < 8:
+            raise UserError(f"--input-size {self.input_size} is too small; use at least 8")
+        if self.resize_size < self.input_size:
+            raise UserError(f"--resize-size {self.resize_size} is smaller than --input-size "
+                            f"{self.input_size}; the centre crop needs resize >= input")
+        if self.interpolation not in INTERPOLATIONS:
+            raise UserError(f"interpolation {self.interpolation!r} is not one of {INTERPOLATIONS}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise UserError("--mean and --std take three numbers each, std > 0")
+
+    @classmethod
+    def create(cls, input_size: int = 224, resize_size: int | None = None,
+               **kwargs: Any) -> PreprocessSpec:
+        return cls(input_size=input_size,
+                   resize_size=resize_size or default_resize(input_size), **kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PreprocessSpec:
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k in known}
+        return cls(**values)
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open any image Pillow reads, apply EXIF orientation, and return it as 8-bit RGB.
+
+    Alpha is dropped (as torchvision's ImageFolder loader does), palette images are expanded,
+    CMYK is converted, and 16/32-bit greyscale is scaled to 8 bits rather than clipped.
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img = ImageOps.exif_transpose(img)
+            img.load()
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise UserError(f"{path}: not a readable image ({exc})") from None
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        img = Image.fromarray(arr, mode="L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def to_tensor(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
+    """One image through the spec: returns CHW float32, the layout the model takes."""
+    from PIL import Image
+
+    resample = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC,
+                "nearest": Image.NEAREST}[spec.interpolation]
+    w, h = img.size
+    # Same arithmetic as torchvision's Resize(int): the shorter side becomes resize_size.
+    if w <= h:
+        size = (spec.resize_size, int(spec.resize_size * h / w))
+    else:
+        size = (int(spec.resize_size * w / h), spec.resize_size)
+    img = img.resize(size, resample)
+    w, h = img.size
+    s = spec.input_size
+    top, left = int(round((h - s) / 2.0)), int(round((w - s) / 2.0))
+    img = img.crop((left, top, left + s, top + s))
+    arr = np.asarray(img, dtype=np.float32) / 255.0
+    arr = (arr - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def preprocess_file(path: str | Path, spec: PreprocessSpec) -> np.ndarray:
+    return to_tensor(load_image(path), spec)
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """Every image below ``folder`` (recursive, suffix matched case-insensitively), sorted."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise UserError(f"{root}: no such image folder; pass a folder of .jpg/.png images")
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def seeded_subset(items: Sequence[Any], limit: int | None, seed: int = 0) -> list[Any]:
+    """A reproducible random subset of at most ``limit`` items, in their original order."""
+    if limit is None or limit >= len(items):
+        return list(items)
+    chosen = sorted(random.Random(seed).sample(range(len(items)), limit))
+    return [items[i] for i in chosen]
+
+
+def load_batch(paths: Iterable[Path], spec: PreprocessSpec, *,
+               strict: bool = False) -> tuple[np.ndarray, list[Path], list[Path]]:
+    """Preprocess images into an NCHW batch; returns (batch, used paths, skipped paths)."""
+    arrays, used, skipped = [], [], []
+    for path in paths:
+        try:
+            arrays.append(preprocess_file(path, spec))
+            used.append(path)
+        except UserError:
+            if strict:
+                raise
+            skipped.append(path)
+    shape = (0, 3, spec.input_size, spec.input_size)
+    batch = np.stack(arrays) if arrays else np.zeros(shape, np.float32)
+    return batch, used, skipped
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    """What travels inside each exported model: enough to preprocess and to trace its origin."""
+
+    preprocess: PreprocessSpec
+    labels: list[str] | None
+    weights: dict[str, Any]
+    exporter: str
+    opset: int
+    versions: dict[str, str]
+    quantization: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        data = dataclasses.asdict(self)
+        data["preprocess"] = self.preprocess.to_dict()
+        return json.dumps(data, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelMetadata:
+        data = json.loads(text)
+        data["preprocess"] = PreprocessSpec.from_dict(data["preprocess"])
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def write_metadata(model: onnx.ModelProto, meta: ModelMetadata) -> None:
+    """Store ``meta`` under one ``metadata_props`` key, replacing any earlier record."""
+    for i in reversed(range(len(model.metadata_props))):
+        if model.metadata_props[i].key == METADATA_KEY:
+            del model.metadata_props[i]
+    entry = model.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, meta.to_json()
+
+
+def metadata_from_proto(model: onnx.ModelProto) -> ModelMetadata | None:
+    for entry in model.metadata_props:
+        if entry.key == METADATA_KEY:
+            return ModelMetadata.from_json(entry.value)
+    return None
+
+
+def load_onnx(path: str | Path) -> onnx.ModelProto:
+    """Load an ONNX file, turning every way it can be bad into a one-line UserError."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such model file; run 'resnet-deploy export' first")
+    if path.stat().st_size == 0:
+        raise UserError(f"{path}: the model file is empty; export it again")
+    try:
+        return onnx.load(str(path))
+    except Exception as exc:
+        raise UserError(f"{path}: not a readable ONNX model ({type(exc).__name__}); "
+                        "export it again with 'resnet-deploy export'") from None
+
+
+def read_metadata(path: str | Path) -> ModelMetadata | None:
+    """The record written at export, or None for a model this tool did not export."""
+    return metadata_from_proto(load_onnx(path))
+
+
+def resolve_spec(meta: ModelMetadata | None, override: PreprocessSpec | None,
+                 model_path: str | Path) -> PreprocessSpec:
+    """Explicit CLI preprocessing wins; else the model's own; else a clear error."""
+    if override is not None:
+        return override
+    if meta is None:
+        raise UserError(f"{model_path}: has no resnet-deploy preprocessing metadata; export "
+                        "it with 'resnet-deploy export', or pass --input-size (and "
+                        "--resize-size/--mean/--std) to say how to preprocess")
+    return meta.preprocess

@@ -1,0 +1,223 @@
+"""Backends: one interface ("feed a batch, get logits") over PyTorch and ONNX Runtime sessions.
+
+Providers are strict: a provider that ONNX Runtime does not list, or that it drops while
+creating the session (it silently falls back to CPU when CUDA libraries are missing), is a
+:class:`ProviderUnavailable` error, never a quiet CPU run.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .errors import ProviderUnavailable, UserError
+
+if TYPE_CHECKING:
+    import onnx
+    import onnxruntime as ort
+    from torch import nn
+
+log = logging.getLogger(__name__)
+
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+GPU_INSTALL_HINT = ("pip install 'resnet-deploy[cuda]' (onnxruntime-gpu, which needs CUDA 13 "
+                    "and cuDNN 9 on the library path; TensorRT 10 for the tensorrt provider)")
+
+
+def provider_name(name: str) -> str:
+    """Map ``cpu``/``cuda``/``tensorrt`` or a full ORT name, case-insensitively, to ORT's name."""
+    key = name.strip().lower()
+    for short, full in PROVIDERS.items():
+        if key in (short, full.lower(), full.lower().removesuffix("executionprovider")):
+            return full
+    raise UserError(f"unknown provider {name!r}; choose from {', '.join(PROVIDERS)}")
+
+
+def short_provider(full: str) -> str:
+    return next((s for s, f in PROVIDERS.items() if f == full), full)
+
+
+def available_providers() -> list[str]:
+    import onnxruntime as ort
+
+    return list(ort.get_available_providers())
+
+
+def require_provider(name: str) -> str:
+    """Return ORT's name for ``name``, or raise if this onnxruntime build cannot offer it."""
+    import onnxruntime as ort
+
+    full = provider_name(name)
+    have = available_providers()
+    if full not in have:
+        hint = "" if full == PROVIDERS["cpu"] else f"; to get it: {GPU_INSTALL_HINT}"
+        raise ProviderUnavailable(
+            f"provider {short_provider(full)} ({full}) is not available in onnxruntime "
+            f"{ort.__version__} (it lists: {', '.join(have)}){hint}")
+    return full
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    """How to build an ORT session; the same config serves parity and bench."""
+
+    threads: int | None = None
+    profile: bool = False
+    cuda_graph: bool = False
+    trt_fp16: bool = False
+    trt_int8: bool = False
+    trt_cache_dir: str | None = None
+
+
+def _provider_chain(full: str, cfg: SessionConfig) -> list[Any]:
+    cpu = PROVIDERS["cpu"]
+    if full == PROVIDERS["cuda"]:
+        cuda_opts = {"enable_cuda_graph": "1"} if cfg.cuda_graph else {}
+        return [(full, cuda_opts), cpu]
+    if full == PROVIDERS["tensorrt"]:
+        trt = {"trt_fp16_enable": str(cfg.trt_fp16), "trt_int8_enable": str(cfg.trt_int8),
+               "trt_engine_cache_enable": "True",
+               "trt_engine_cache_path": cfg.trt_cache_dir or "artifacts/trt_cache",
+               "trt_cuda_graph_enable": str(cfg.cuda_graph)}
+        Path(trt["trt_engine_cache_path"]).mkdir(parents=True, exist_ok=True)
+        return [(full, trt), (PROVIDERS["cuda"], {}), cpu]
+    return [cpu]
+
+
+def create_session(model: str | Path, provider: str = "cpu",
+                   config: SessionConfig = SessionConfig()) -> ort.InferenceSession:
+    """An InferenceSession that really runs on ``provider``, or a ProviderUnavailable error."""
+    import onnxruntime as ort
+
+    full = require_provider(provider)
+    if not Path(model).is_file():
+        raise UserError(f"{model}: no such model file; run 'resnet-deploy export' first")
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if config.threads:
+        opts.intra_op_num_threads = config.threads
+        opts.inter_op_num_threads = 1
+    if config.profile:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = str(Path(os.environ.get("TMPDIR", "/tmp")) / "rd_profile")
+    try:
+        session = ort.InferenceSession(str(model), opts, providers=_provider_chain(full, config))
+    except Exception as exc:
+        raise UserError(f"{model}: ONNX Runtime cannot load it on {short_provider(full)} "
+                        f"({str(exc).strip().splitlines()[0][:200]})") from None
+    if full not in session.get_providers():
+        raise ProviderUnavailable(
+            f"onnxruntime dropped {full} while creating the session for {model} and would "
+            f"have run on {', '.join(session.get_providers())}; its CUDA/cuDNN libraries "
+            f"probably failed to load; to fix: {GPU_INSTALL_HINT}")
+    return session
+
+
+def node_placement(session: ort.InferenceSession) -> dict[str, int]:
+    """How many graph nodes each provider ran, read from a profiled session's trace.
+
+    Call after at least one ``run`` on a session made with ``SessionConfig(profile=True)``;
+    this ends profiling. A node on CPU in a CUDA run shows up here, not in silence.
+    """
+    trace = Path(session.end_profiling())
+    try:
+        events = json.loads(trace.read_text())
+    finally:
+        trace.unlink(missing_ok=True)
+    nodes: dict[str, str] = {}
+    for event in events:
+        args = event.get("args") or {}
+        if event.get("cat") == "Node" and "provider" in args:
+            nodes[event["name"].removesuffix("_kernel_time")] = short_provider(args["provider"])
+    return dict(Counter(nodes.values()))
+
+
+def model_precision(model: onnx.ModelProto) -> str:
+    """``int8`` for QDQ/QLinear graphs, ``fp16`` when weights are half, else ``fp32``."""
+    import onnx
+
+    ops = {node.op_type for node in model.graph.node}
+    if ops & {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "ConvInteger"}:
+        return "int8"
+    types = Counter(init.data_type for init in model.graph.initializer)
+    if types and types.most_common(1)[0][0] == onnx.TensorProto.FLOAT16:
+        return "fp16"
+    return "fp32"
+
+
+class Backend(ABC):
+    """A thing you feed an NCHW float32 batch and get logits from."""
+
+    name: str
+    provider: str
+    model: str | None = None
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        if batch.ndim != 4 or batch.dtype != np.float32:
+            raise UserError(f"{self.name}: expected an NCHW float32 batch, got "
+                            f"{batch.dtype} {batch.shape}")
+        return self._infer_impl(batch)
+
+    @abstractmethod
+    def _infer_impl(self, batch: np.ndarray) -> np.ndarray:
+        """Run one batch; ``infer`` has already checked its shape and dtype."""
+
+
+class OrtBackend(Backend):
+    def __init__(self, model: str | Path, provider: str = "cpu",
+                 config: SessionConfig = SessionConfig()) -> None:
+        self.session = create_session(model, provider, config)
+        self.model = str(model)
+        self.provider = short_provider(provider_name(provider))
+        self.name = f"{Path(model).name}@{self.provider}"
+        self.input_name = self.session.get_inputs()[0].name
+
+    def _infer_impl(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: batch})[0].astype(np.float32)
+
+
+class TorchBackend(Backend):
+    def __init__(self, module: nn.Module, device: str = "cpu", label: str = "torch") -> None:
+        import torch
+
+        if device == "cuda" and not torch.cuda.is_available():
+            raise ProviderUnavailable("torch sees no CUDA device; install a CUDA build of "
+                                      "torch on a machine with an NVIDIA GPU")
+        self.module = module.eval().to(device)
+        self.device = device
+        self.provider = device
+        self.name = f"{label}@{device}"
+
+    def _infer_impl(self, batch: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            out = self.module(torch.from_numpy(batch).to(self.device))
+        return out.float().cpu().numpy()
+
+
+def torch_devices() -> list[str]:
+    """Devices a PyTorch reference can run on here: CPU, plus CUDA when torch sees a GPU."""
+    import torch
+
+    return ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+
+
+def run_batched(backend: Backend, inputs: np.ndarray, batch_size: int) -> np.ndarray:
+    """Run ``inputs`` through ``backend`` in chunks of ``batch_size`` (last chunk may be short)."""
+    if len(inputs) == 0:
+        raise UserError("no inputs to run")
+    return np.concatenate([backend.infer(inputs[i:i + batch_size])
+                           for i in range(0, len(inputs), batch_size)])

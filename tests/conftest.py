@@ -1,0 +1,75 @@
+"""Shared fixtures: small exported models, image folders, and the optional ../shared data."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CALIBRATION = ROOT / "calibration"
+SHARED = ROOT.parent / "shared" / "data"
+CIFAR_CKPT = SHARED / "cifar10-resnet18" / "resnet18_cifar10_64.pth"
+CIFAR_DEV = SHARED / "cifar10-dev"
+CIFAR_CALIB = SHARED / "cifar10-calib"
+IMAGENET_SAMPLES = SHARED / "imagenet-samples"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """GPU tests skip with a reason unless onnxruntime offers the CUDA provider."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        return
+    skip = pytest.mark.skip(reason="no CUDAExecutionProvider in this onnxruntime build")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def _export(path: Path, weights: str, *, num_classes: int | None, input_size: int,
+            resize_size: int | None = None) -> Path:
+    from resnet_deploy.export import ExportOptions, export
+    from resnet_deploy.model import load_model
+    from resnet_deploy.preprocess import PreprocessSpec
+
+    model, loaded = load_model(weights, num_classes=num_classes, seed=0)
+    spec = PreprocessSpec.create(input_size, resize_size)
+    labels = loaded.labels or [f"class{i}" for i in range(loaded.num_classes)]
+    export(model, loaded, spec, path, labels=labels,
+           options=ExportOptions(exporter="torchscript", parity_images=CALIBRATION))
+    return path
+
+
+@pytest.fixture(scope="session")
+def random_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 10-class random-init ResNet-18 at 64x64, exported with metadata (fast to run)."""
+    path = tmp_path_factory.mktemp("random") / "random10.onnx"
+    return _export(path, "random", num_classes=10, input_size=64)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not CIFAR_CKPT.is_file():
+        pytest.skip("../shared/data is absent (a fresh clone has no shared data)")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def cifar_onnx(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The trained CIFAR-10 checkpoint from ../shared, exported at 64x64 (resize 73)."""
+    path = tmp_path_factory.mktemp("cifar") / "cifar.onnx"
+    return _export(path, str(CIFAR_CKPT), num_classes=None, input_size=64, resize_size=73)
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    """An ImageFolder (two classes) built from the shipped calibration photos."""
+    root = tmp_path / "imagefolder"
+    photos = sorted(p for p in CALIBRATION.iterdir() if p.suffix != ".md")
+    for i, photo in enumerate(photos):
+        cls = root / ("class0" if i % 2 == 0 else "class1")
+        cls.mkdir(parents=True, exist_ok=True)
+        shutil.copy(photo, cls / photo.name)
+    return root
