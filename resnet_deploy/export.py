@@ -9,9 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
 import platform
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -22,10 +20,11 @@ import numpy as np
 
 from . import __version__
 from .errors import CheckFailed, UserError
+from .files import atomic_output
 from .metrics import TOLERANCES, compare
 from .model import LoadedWeights
-from .preprocess import (ModelMetadata, PreprocessSpec, list_images, load_batch,
-                         write_metadata)
+from .preprocess import (ModelMetadata, PreprocessSpec, image_inputs, list_images,
+                         random_inputs, write_metadata)
 from .runtime import OrtBackend, TorchBackend
 
 if TYPE_CHECKING:
@@ -80,24 +79,6 @@ def package_versions() -> dict[str, str]:
         with contextlib.suppress(Exception):
             versions[name] = __import__(name).__version__
     return versions
-
-
-@contextlib.contextmanager
-def atomic_output(path: Path, suffix: str = ".tmp") -> Iterator[Path]:
-    """Yield a temp path beside ``path``; rename it into place only if the block succeeds."""
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise UserError(f"{path}: folder {folder} does not exist; create it or choose another -o")
-    if not os.access(folder, os.W_OK):
-        raise UserError(f"{path}: folder {folder} is not writable; choose another -o")
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=folder)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -191,15 +172,10 @@ def simplify(proto: onnx.ModelProto, simplifier: str) -> tuple[onnx.ModelProto, 
 def parity_inputs(spec: PreprocessSpec, folder: Path | None, count: int,
                   seed: int) -> tuple[np.ndarray, str]:
     """Real images from ``folder`` when it holds any, else seeded random inputs."""
-    if folder is not None and folder.is_dir():
-        paths = list_images(folder)[:count]
-        if paths:
-            batch, used, _ = load_batch(paths, spec)
-            if len(used):
-                return batch, f"{len(used)} images from {folder}"
-    rng = np.random.default_rng(seed)
-    shape = (count, 3, spec.input_size, spec.input_size)
-    return rng.standard_normal(shape, dtype=np.float32), f"{count} seeded random inputs"
+    if folder is not None and folder.is_dir() and list_images(folder):
+        batch, used = image_inputs(folder, spec, count, seed)
+        return batch, f"{len(used)} images from {folder}"
+    return random_inputs(spec, count, seed), f"{count} seeded random inputs"
 
 
 def check_parity(model: nn.Module, onnx_path: Path, inputs: np.ndarray,

@@ -160,6 +160,25 @@ def load_batch(paths: Iterable[Path], spec: PreprocessSpec, *,
     return batch, used, skipped
 
 
+def image_inputs(folder: str | Path, spec: PreprocessSpec, limit: int | None = None,
+                 seed: int = 0) -> tuple[np.ndarray, list[Path]]:
+    """Real photos through ``spec``: a seeded subset of at most ``limit`` readable images."""
+    paths = seeded_subset(list_images(folder), limit, seed)
+    batch, used, skipped = load_batch(paths, spec)
+    if skipped:
+        log.warning("skipped %d unreadable image(s) in %s", len(skipped), folder)
+    if not used:
+        raise UserError(f"{folder}: holds no readable image (.jpg/.jpeg/.png/.bmp/.webp/.tiff); "
+                        "point to a folder of photos")
+    return batch, used
+
+
+def random_inputs(spec: PreprocessSpec, count: int, seed: int = 0) -> np.ndarray:
+    """Seeded standard-normal inputs, i.e. roughly what normalised photos look like."""
+    shape = (count, 3, spec.input_size, spec.input_size)
+    return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+
+
 @dataclass(frozen=True)
 class ModelMetadata:
     """What travels inside each exported model: enough to preprocess and to trace its origin."""

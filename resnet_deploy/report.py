@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
-from .errors import UserError
+from .files import write_text
 
 
 def _cell(value: Any) -> str:
@@ -20,7 +18,7 @@ def _cell(value: Any) -> str:
             return "nan"
         if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e6):
             return f"{value:.3e}"
-        return f"{value:.4g}" if abs(value) < 10 else f"{value:.1f}"
+        return f"{value:.6g}" if abs(value) < 10 else f"{value:.1f}"
     return "-" if value is None else str(value)
 
 
@@ -44,24 +42,6 @@ def format_markdown(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str,
     rule = "|" + "|".join("---" for _ in columns) + "|"
     body = ["| " + " | ".join(_cell(row.get(k)) for k, _ in columns) + " |" for row in rows]
     return "\n".join([head, rule, *body]) + "\n"
-
-
-def write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temp file, so readers never see half a file."""
-    path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise UserError(f"{path}: folder {folder} does not exist; create it first")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=folder)
-    except OSError as exc:
-        raise UserError(f"{path}: cannot write there ({exc.strerror}); choose another path") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def write_json(path: str | Path, data: Any) -> None:
