@@ -332,5 +332,169 @@ def render_parity(report: Any) -> None:
     emit("parity: PASS" if report.passed else "parity: FAIL")
 
 
+# --- quantize --------------------------------------------------------------------------
+
+@main.command()
+@click.option("--model", "model", type=click.Path(dir_okay=False, path_type=Path),
+              required=True, help="The FP32 ONNX model.")
+@click.option("--calibration", type=click.Path(path_type=Path), required=True,
+              help="Folder of photos (searched recursively).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="INT8 model path [default: beside the input, suffix .int8.onnx].")
+@click.option("--method", type=click.Choice(["minmax", "entropy", "percentile"]),
+              default="minmax", show_default=True, help="Calibration method.")
+@click.option("--num-samples", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Calibration images; a seeded random subset when the folder has more.")
+@click.option("--per-channel/--per-tensor", default=None,
+              help="Weight scales per output channel [default: per channel].")
+@click.option("--activation-type", type=click.Choice(["uint8", "int8"]), default=None,
+              help="[default: uint8 for --target cpu, int8 for tensorrt]")
+@click.option("--weight-type", type=click.Choice(["int8", "uint8"]), default=None,
+              help="[default: int8]")
+@click.option("--reduce-range", is_flag=True, help="7-bit weights (older x86 without VNNI).")
+@click.option("--target", type=click.Choice(["cpu", "tensorrt"]), default="cpu",
+              show_default=True, help="tensorrt: symmetric int8 activations and weights.")
+@click.option("--exclude", multiple=True, metavar="NODE",
+              help="Keep this node in FP32 (repeatable).")
+@click.option("--eval-images", type=click.Path(path_type=Path), default=None,
+              help="Images for the INT8-vs-FP32 check [default: calibration images not "
+                   "used]; an ImageFolder also gives top-1.")
+@click.option("--max-top1-drop", type=float, default=None, metavar="PT",
+              help="Accuracy-aware mode: keep the most sensitive nodes in FP32 until the "
+                   "top-1 drop on --eval-images (an ImageFolder) is at most PT points.")
+@click.option("--max-fallback", type=click.IntRange(min=0), default=5, show_default=True,
+              metavar="K", help="At most K nodes kept in FP32 by --max-top1-drop.")
+@click.option("--strict", is_flag=True, help="An unreadable image is an error, not a skip.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@preprocess_options()
+@json_option
+def quantize(model: Path, calibration: Path, output: Path | None, method: str,
+             num_samples: int, per_channel: bool | None, activation_type: str | None,
+             weight_type: str | None, reduce_range: bool, target: str, exclude: tuple[str, ...],
+             eval_images: Path | None, max_top1_drop: float | None, max_fallback: int,
+             strict: bool, seed: int, input_size: int | None, resize_size: int | None,
+             mean: Any, std: Any, json_path: Path | None) -> None:
+    """Quantize an FP32 model to INT8 (QDQ) and check it against FP32.
+
+    Preprocessing comes from the model's metadata. After quantizing, FP32 and INT8 run on
+    held-out images (cosine, max abs diff, top-1/top-5 agreement, size ratio). With
+    --max-top1-drop, nodes ranked by sensitivity stay FP32 until the target is met, or
+    the command fails (exit 1) and writes no model.
+
+    \b
+    Examples:
+      resnet-deploy quantize --model artifacts/resnet18.onnx --calibration calibration/
+      resnet-deploy quantize --model m.onnx --calibration calib/ --method entropy --json q.json
+      resnet-deploy quantize --model m.onnx --calibration calib/ --eval-images dev/ \\
+          --max-top1-drop 0.3 --max-fallback 3
+    """
+    from .quantize import QuantizeOptions
+    from .quantize import quantize as run_quantize
+
+    options = QuantizeOptions(
+        method=method, num_samples=num_samples, per_channel=per_channel,
+        activation_type=activation_type, weight_type=weight_type, reduce_range=reduce_range,
+        target=target, exclude=tuple(exclude), eval_images=eval_images,
+        max_top1_drop=max_top1_drop, max_fallback=max_fallback, strict=strict, seed=seed,
+        progress=progress_enabled(), spec=build_spec(input_size, resize_size, mean, std))
+    try:
+        result = run_quantize(model, calibration, output, options=options)
+    except CheckFailed as exc:
+        if exc.report is not None:
+            render_quantize(exc.report)
+            write_json_if(json_path, exc.report.to_dict())
+        raise
+    render_quantize(result)
+    write_json_if(json_path, result.to_dict())
+
+
+def render_quantize(result: Any) -> None:
+    from .report import format_table
+
+    s = result.settings
+    emit(f"{result.output}: INT8 QDQ, {s.method} calibration on {result.num_calibration} images"
+         f"{f' ({result.skipped} unreadable skipped)' if result.skipped else ''}; activations "
+         f"{s.activation_type}, weights {s.weight_type} "
+         f"{'per channel' if s.per_channel else 'per tensor'}, target {s.target}")
+    emit("times: " + ", ".join(f"{k} {v:.2f}s" for k, v in result.seconds.items()))
+    emit(f"size: {result.int8_bytes / 1e6:.1f} MB, {result.size_ratio:.1%} of FP32 "
+         f"({result.fp32_bytes / 1e6:.1f} MB)")
+    if result.check is None:
+        emit(f"check: {result.check_note}")
+    else:
+        c = result.check
+        emit(f"check, FP32 vs INT8 on {c['images']}:")
+        emit(format_table([c], [("cosine_min", "cosine min"), ("cosine_mean", "cosine mean"),
+                                ("max_abs_diff", "max abs diff"),
+                                ("top1_agreement", "top-1 agree"),
+                                ("top5_agreement", "top-5 agree")]))
+    if result.accuracy is not None:
+        a = result.accuracy
+        emit(f"top-1 on {a['n']} labelled images: FP32 {a['fp32_top1']:.2%}, INT8 "
+             f"{a['int8_top1']:.2%} (drop {a['top1_drop_pt']:.2f} pt)")
+    if result.sensitivity:
+        emit("most sensitive nodes (output error when only that node is quantized):")
+        emit(format_table(list(result.sensitivity[:10]), [
+            ("rank", "rank"), ("node", "node"), ("op_type", "op"), ("error", "1-cos mean"),
+            ("max_abs_diff", "max abs diff"), ("top1_agreement", "top-1 agree")]))
+    if len(result.steps) > 1:
+        emit("accuracy-aware fallback:")
+        emit(format_table([{"step": i, "kept": len(st.fp32_nodes),
+                            "node": st.fp32_nodes[-1] if st.fp32_nodes else "-",
+                            "top1": st.top1, "drop_pt": st.drop_pt}
+                           for i, st in enumerate(result.steps)],
+                          [("step", "step"), ("node", "kept in FP32"), ("kept", "FP32 nodes"),
+                           ("top1", "INT8 top-1"), ("drop_pt", "drop (pt)")]))
+    if result.target_met is not None:
+        emit(f"target: top-1 drop <= {result.accuracy['max_top1_drop_pt']:g} pt "
+             f"{'MET' if result.target_met else 'MISSED'}"
+             + (f"; FP32 nodes: {', '.join(result.fallback_nodes)}"
+                if result.fallback_nodes else ""))
+
+
+# --- evaluate --------------------------------------------------------------------------
+
+@main.command()
+@click.option("--model", "models", multiple=True, required=True,
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="An ONNX model (repeat to compare models side by side).")
+@click.option("--images", type=click.Path(path_type=Path), required=True,
+              help="An ImageFolder: one subfolder of images per class.")
+@click.option("--provider", default="cpu", show_default=True,
+              help="cpu, cuda or tensorrt (a missing provider is an error).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--limit", type=click.IntRange(min=1), default=None,
+              help="Evaluate a seeded random subset of this many images.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@preprocess_options()
+@json_option
+def evaluate(models: tuple[Path, ...], images: Path, provider: str, batch_size: int,
+             limit: int | None, seed: int, input_size: int | None, resize_size: int | None,
+             mean: Any, std: Any, json_path: Path | None) -> None:
+    """Top-1/top-5 accuracy of one or more models on a labelled ImageFolder.
+
+    Class index = sorted folder name, unless every folder name is one of the model's
+    labels, in which case folders map by name.
+
+    \b
+    Examples:
+      resnet-deploy evaluate --model artifacts/resnet18.onnx --images val/
+      resnet-deploy evaluate --model m.onnx --model m.int8.onnx --images dev/ --json acc.json
+    """
+    from .evaluate import EvaluateOptions
+    from .evaluate import evaluate as run_evaluate
+    from .report import format_table
+
+    options = EvaluateOptions(provider=provider, batch_size=batch_size, limit=limit, seed=seed,
+                              progress=progress_enabled(),
+                              spec=build_spec(input_size, resize_size, mean, std))
+    result = run_evaluate(models, images, options=options)
+    emit(f"{result.images}: {result.models[0].n} images, {result.classes} classes")
+    emit(format_table([m.to_dict() for m in result.models], [
+        ("model", "model"), ("precision", "prec"), ("provider", "provider"), ("n", "images"),
+        ("top1", "top-1"), ("top5", "top-5"), ("label_mapping", "classes by")]))
+    write_json_if(json_path, result.to_dict())
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

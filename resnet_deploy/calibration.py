@@ -1,0 +1,258 @@
+"""Image folders for INT8 work: the calibration reader, and labelled ImageFolder sets.
+
+Both quantize (calibration, its held-out check, the accuracy-aware fallback) and evaluate
+read folders of photos through the model's own preprocessing; keeping the folder logic here
+means they skip unreadable files, subset and map class names the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+
+from .errors import UserError
+from .metrics import top_k
+from .preprocess import (IMAGE_SUFFIXES, PreprocessSpec, list_images, load_batch, load_onnx,
+                         metadata_from_proto, resolve_spec, seeded_subset)
+
+if TYPE_CHECKING:
+    import onnx
+
+log = logging.getLogger(__name__)
+
+DEFAULT_NUM_SAMPLES = 256
+# Calibration feeds batches: one ORT run per 32 images instead of per image. The batch size
+# is part of the calibration recipe, since moving-average MinMax averages per-batch extremes.
+DEFAULT_BATCH = 32
+
+
+def list_hash(paths: Sequence[Path], root: Path) -> str:
+    """sha256 of the sorted file list (relative to ``root``): names which photos calibrated."""
+    names = sorted(p.relative_to(root).as_posix() if p.is_relative_to(root) else str(p)
+                   for p in paths)
+    return hashlib.sha256("\n".join(names).encode("utf-8")).hexdigest()
+
+
+def warn_skipped(skipped: Sequence[Path], total: int, what: str) -> None:
+    """One warning line for all unreadable files, not one per file."""
+    if skipped:
+        log.warning("skipped %d of %d %s that could not be read (first: %s); pass --strict "
+                    "to make this an error", len(skipped), total, what, skipped[0])
+
+
+def read_images(paths: Sequence[Path], spec: PreprocessSpec, *, strict: bool = False,
+                progress: bool = False, batch_size: int = 64, what: str = "images",
+                ) -> tuple[np.ndarray, list[Path]]:
+    """Preprocess ``paths`` into one NCHW array (with a progress bar); returns (array, used).
+
+    Unreadable files are skipped with one warning (an error when ``strict``); a list in
+    which nothing is readable is a UserError.
+    """
+    from tqdm import tqdm
+
+    arrays, used, skipped = [], [], []
+    with tqdm(total=len(paths), desc=f"loading {what}", unit="img", disable=not progress,
+              leave=False) as bar:
+        for start in range(0, len(paths), batch_size):
+            batch, ok, bad = load_batch(paths[start:start + batch_size], spec, strict=strict)
+            arrays.append(batch)
+            used += ok
+            skipped += bad
+            bar.update(len(ok) + len(bad))
+    warn_skipped(skipped, len(paths), what)
+    if not used:
+        raise UserError(f"none of the {len(paths)} {what} could be read as an image")
+    return np.concatenate(arrays), used
+
+
+def model_input(model: onnx.ModelProto) -> tuple[str, int | None]:
+    """The graph input's name and its fixed batch size (None when the batch is dynamic)."""
+    initializers = {init.name for init in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    if len(inputs) != 1:
+        raise UserError(f"the model has {len(inputs)} inputs; expected one image input")
+    dims = inputs[0].type.tensor_type.shape.dim
+    fixed = dims[0].dim_value if dims and dims[0].HasField("dim_value") else None
+    return inputs[0].name, fixed or None
+
+
+class ImageFolderReader:
+    """onnxruntime's CalibrationDataReader protocol over a folder of photos.
+
+    ``get_next()`` returns one feed dict (a batch of preprocessed images) per call, then
+    None. Duck-typed rather than subclassed so importing this module does not load
+    onnxruntime; the calibrators only call ``get_next``. Build one with :meth:`for_model`.
+    """
+
+    def __init__(self, paths: Sequence[Path], spec: PreprocessSpec, input_name: str, *,
+                 root: Path, batch_size: int = DEFAULT_BATCH, fixed_batch: bool = False,
+                 strict: bool = False, progress: bool = False,
+                 held_out: Sequence[Path] = ()) -> None:
+        if not paths:
+            raise UserError(f"{root}: no images to calibrate with")
+        self.paths = list(paths)
+        self.spec = spec
+        self.input_name = input_name
+        self.root = root
+        self.batch_size = batch_size
+        self.fixed_batch = fixed_batch
+        self.strict = strict
+        self.progress = progress
+        self.held_out = list(held_out)
+        self.used: list[Path] = []
+        self.skipped: list[Path] = []
+        self._next = 0
+        self._bar: Any = None
+        self._warned = False
+
+    @classmethod
+    def for_model(cls, model: str | Path, folder: str | Path, *,
+                  num_samples: int | None = DEFAULT_NUM_SAMPLES, seed: int = 0,
+                  batch_size: int = DEFAULT_BATCH, strict: bool = False,
+                  progress: bool = False, spec: PreprocessSpec | None = None,
+                  ) -> ImageFolderReader:
+        """A reader preprocessing the way ``model``'s metadata says (``spec`` overrides).
+
+        A folder with more than ``num_samples`` images gives a seeded random subset; the
+        rest are in :attr:`held_out` for checking the quantized model.
+        """
+        proto = load_onnx(model)
+        spec = resolve_spec(metadata_from_proto(proto), spec, model)
+        input_name, fixed = model_input(proto)
+        root = Path(folder)
+        everything = list_images(root)
+        if not everything:
+            raise UserError(f"{root}: no images (.jpg/.jpeg/.png/.bmp/.webp/.tif/.tiff) in this "
+                            "folder or below it; point --calibration at a folder of photos")
+        chosen = seeded_subset(everything, num_samples, seed)
+        chosen_set = set(chosen)
+        return cls(chosen, spec, input_name, root=root, batch_size=fixed or batch_size,
+                   fixed_batch=fixed is not None, strict=strict, progress=progress,
+                   held_out=[p for p in everything if p not in chosen_set])
+
+    def rewind(self) -> None:
+        """Start over from the first image."""
+        self._next = 0
+        self.used, self.skipped = [], []
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        from tqdm import tqdm
+
+        if self._bar is None and self._next == 0:
+            self._bar = tqdm(total=len(self.paths), desc="calibrating", unit="img",
+                             disable=not self.progress, leave=False)
+        while self._next < len(self.paths):
+            chunk = self.paths[self._next:self._next + self.batch_size]
+            self._next += len(chunk)
+            batch, ok, bad = load_batch(chunk, self.spec, strict=self.strict)
+            self.used += ok
+            self.skipped += bad
+            self._bar.update(len(chunk))
+            if not ok:
+                continue
+            if self.fixed_batch and len(batch) < self.batch_size:
+                # A static-batch model cannot take a short batch: repeat images to fill it.
+                batch = np.resize(batch, (self.batch_size, *batch.shape[1:]))
+            return {self.input_name: batch}
+        self._finish()
+        return None
+
+    def _finish(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if not self.used:
+            raise UserError(f"{self.root}: none of the {len(self.paths)} images could be read; "
+                            "point --calibration at a folder of valid photos")
+        if not self._warned:
+            self._warned = True
+            warn_skipped(self.skipped, len(self.paths), "calibration images")
+
+    def __iter__(self) -> ImageFolderReader:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        feed = self.get_next()
+        if feed is None:
+            raise StopIteration
+        return feed
+
+    def file_list_sha256(self) -> str:
+        """Identifies the photos that calibrated (after skipping unreadable ones)."""
+        return list_hash(self.used, self.root)
+
+
+@dataclass(frozen=True)
+class LabelledImages:
+    """An ImageFolder: one subfolder per class, ``class_ids`` index into sorted ``classes``.
+
+    Which model output a class is depends on the model: see :meth:`targets`.
+    """
+
+    root: Path
+    classes: tuple[str, ...]
+    paths: tuple[Path, ...]
+    class_ids: tuple[int, ...]
+
+    def subset(self, limit: int | None, seed: int = 0) -> LabelledImages:
+        """A seeded subset of at most ``limit`` photos (all of them for None)."""
+        chosen = seeded_subset(list(range(len(self.paths))), limit, seed)
+        return LabelledImages(self.root, self.classes, tuple(self.paths[i] for i in chosen),
+                              tuple(self.class_ids[i] for i in chosen))
+
+    def class_indices(self, labels: Sequence[str] | None) -> tuple[list[int], str]:
+        """Each folder's model output index, and how it was found.
+
+        ``labels`` when every folder name is one of the model's labels (so a folder subset
+        or another order still maps right), else ``sorted``: torchvision's rule, index =
+        position of the folder name in sorted order.
+        """
+        if labels and set(self.classes) <= set(labels):
+            position = {name: i for i, name in enumerate(labels)}
+            return [position[name] for name in self.classes], "labels"
+        return list(range(len(self.classes))), "sorted"
+
+    def targets(self, paths: Sequence[Path],
+                labels: Sequence[str] | None = None) -> tuple[np.ndarray, str]:
+        """The model's class index for each of ``paths`` (a subset of :attr:`paths`)."""
+        indices, mapping = self.class_indices(labels)
+        class_of = dict(zip(self.paths, self.class_ids))
+        return np.asarray([indices[class_of[p]] for p in paths], dtype=np.int64), mapping
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"root": str(self.root), "classes": list(self.classes), "n": len(self.paths)}
+
+
+def hits(logits: np.ndarray, targets: np.ndarray, k: int) -> int:
+    """How many rows have their target among the ``k`` largest logits."""
+    return int((top_k(logits, k) == targets[:, None]).any(axis=1).sum())
+
+
+def labelled_images(folder: str | Path) -> LabelledImages:
+    """Read an ImageFolder layout, or fail with a one-line UserError saying what is wrong."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise UserError(f"{root}: no such folder; pass an ImageFolder (one subfolder of "
+                        "images per class)")
+    loose = [p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    if loose:
+        raise UserError(f"{root}: not an ImageFolder layout ({len(loose)} images directly in "
+                        "the folder); put the images in one subfolder per class")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise UserError(f"{root}: not an ImageFolder layout (no class subfolders); put the "
+                        "images in one subfolder per class")
+    paths: list[Path] = []
+    class_ids: list[int] = []
+    for i, name in enumerate(classes):
+        found = list_images(root / name)
+        paths += found
+        class_ids += [i] * len(found)
+    if not paths:
+        raise UserError(f"{root}: the class subfolders hold no images")
+    return LabelledImages(root, tuple(classes), tuple(paths), tuple(class_ids))

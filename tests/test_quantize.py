@@ -1,0 +1,249 @@
+"""INT8 quantization: honest calibrators, metadata, targets, the check and the fallback."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import numpy_helper
+
+from resnet_deploy.calibration import ImageFolderReader
+from resnet_deploy.cli import main
+from resnet_deploy.model import file_sha256
+from resnet_deploy.preprocess import METADATA_KEY, list_images, read_metadata
+from resnet_deploy.quantize import (QuantizeOptions, calibrate, default_output,
+                                    preprocess_for_quantization, quantize)
+from resnet_deploy.runtime import model_precision
+
+from .conftest import CALIBRATION
+
+PHOTOS = len(list_images(CALIBRATION))  # the shipped photos (17)
+
+
+def _invoke(*args: str) -> object:
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def fp32(random_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A private copy, so outputs written beside it stay in this module's folder."""
+    folder = tmp_path_factory.mktemp("quant")
+    return Path(shutil.copy(random_onnx, folder / "resnet18.onnx"))
+
+
+@pytest.fixture(scope="module")
+def quantized(fp32: Path) -> tuple[Path, dict]:
+    """One default CLI run: 8 of the shipped photos calibrate, the rest are held out."""
+    report = fp32.parent / "q.json"
+    result = _invoke("quantize", "--model", fp32, "--calibration", CALIBRATION,
+                     "--num-samples", 8, "--json", report)
+    assert result.exit_code == 0, result.output
+    return fp32.parent / "resnet18.int8.onnx", json.loads(report.read_text())
+
+
+@pytest.fixture(scope="module")
+def prepared(fp32: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pre = tmp_path_factory.mktemp("pre") / "pre.onnx"
+    preprocess_for_quantization(fp32, pre)
+    return pre
+
+
+def _ranges(prepared: Path, fp32: Path, tmp_path: Path, **options: object) -> dict:
+    settings = QuantizeOptions(**options).settings()
+    reader = ImageFolderReader.for_model(fp32, CALIBRATION, num_samples=8)
+    data = calibrate(prepared, reader, settings, tmp_path)
+    return {name: (float(np.ravel(td.range_value[0])[0]), float(np.ravel(td.range_value[1])[0]))
+            for name, td in data.data.items()}
+
+
+def test_default_output_name_and_int8_graph(quantized: tuple[Path, dict], fp32: Path) -> None:
+    output, report = quantized
+    assert default_output(Path("a/resnet18.onnx")) == Path("a/resnet18.int8.onnx")
+    assert output.is_file() and report["output"] == str(output)
+    model = onnx.load(str(output))
+    assert model_precision(model) == "int8"
+    assert {n.op_type for n in model.graph.node} >= {"QuantizeLinear", "DequantizeLinear"}
+    assert 0.2 < report["size_ratio"] < 0.3
+    assert report["size_ratio"] == pytest.approx(output.stat().st_size / fp32.stat().st_size,
+                                                 abs=1e-3)
+    assert not list(fp32.parent.glob(".resnet18*"))  # no temp files left behind
+
+
+def test_output_metadata_records_quantization(quantized: tuple[Path, dict], fp32: Path) -> None:
+    output, report = quantized
+    meta, source = read_metadata(output), read_metadata(fp32)
+    assert meta is not None and source is not None
+    assert meta.preprocess == source.preprocess and meta.labels == source.labels
+    assert meta.weights == source.weights
+    q = meta.quantization
+    assert q["fp32_sha256"] == file_sha256(fp32)
+    assert q["method"] == "minmax" and q["format"] == "QDQ" and q["target"] == "cpu"
+    assert (q["activation_type"], q["weight_type"], q["per_channel"]) == ("uint8", "int8", True)
+    assert q["num_samples"] == 8 and q["excluded"] == [] and q["fallback"] == []
+    assert len(q["calibration_sha256"]) == 64
+    assert q["calibration_sha256"] == report["calibration_sha256"]
+    # uint8 activations: the activation QuantizeLinear zero points are uint8.
+    zero_points = _activation_zero_points(onnx.load(str(output)))
+    assert zero_points and all(z.dtype == np.uint8 for z in zero_points)
+
+
+def test_post_quantize_check_reports_numbers(quantized: tuple[Path, dict]) -> None:
+    _, report = quantized
+    check = report["check"]
+    assert check["n"] == PHOTOS - 8  # the photos calibration did not use
+    for key in ("cosine_min", "cosine_mean", "max_abs_diff", "top1_agreement",
+                "top5_agreement"):
+        assert isinstance(check[key], float), key
+    assert 0.5 < check["cosine_min"] <= check["cosine_mean"] <= 1.0 + 1e-9
+    assert 0.0 <= check["top1_agreement"] <= 1.0 and check["max_abs_diff"] >= 0
+    assert report["num_calibration"] == 8 and report["accuracy"] is None
+
+
+def test_cli_prints_the_check(fp32: Path, tmp_path: Path) -> None:
+    out = tmp_path / "x.onnx"
+    result = _invoke("quantize", "--model", fp32, "--calibration", CALIBRATION,
+                     "--num-samples", 4, "--method", "percentile", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "percentile calibration on 4 images" in result.output
+    assert f"check, FP32 vs INT8 on {PHOTOS - 4} images" in result.output
+    assert "top-1 agree" in result.output and "of FP32" in result.output
+    assert read_metadata(out).quantization["calibrator"]["percentile"] == 99.999
+
+
+def test_entropy_ranges_differ_from_minmax(prepared: Path, fp32: Path, tmp_path: Path) -> None:
+    minmax = _ranges(prepared, fp32, tmp_path, method="minmax",
+                     calibrator_options={"moving_average": False})
+    # 512 bins instead of 2048 keeps the KL search quick; 128 bins would leave no search.
+    entropy = _ranges(prepared, fp32, tmp_path, method="entropy",
+                      calibrator_options={"num_bins": 512})
+    assert minmax.keys() == entropy.keys()
+    narrower = [n for n in minmax if entropy[n][1] < minmax[n][1] - 1e-6]
+    # Honest entropy clips outliers on many tensors; quantize_static's 128 -> 128 bins
+    # leave the full range as the only candidate, i.e. none would be narrower.
+    assert len(narrower) > len(minmax) // 4
+    assert all(entropy[n][1] <= minmax[n][1] + 1e-6 for n in minmax)
+
+
+def test_percentile_is_honoured(prepared: Path, fp32: Path, tmp_path: Path) -> None:
+    loose = _ranges(prepared, fp32, tmp_path, method="percentile",
+                    calibrator_options={"percentile": 99.999})
+    tight = _ranges(prepared, fp32, tmp_path, method="percentile",
+                    calibrator_options={"percentile": 99.0})
+    assert loose.keys() == tight.keys()
+    assert all(tight[n][1] <= loose[n][1] + 1e-6 for n in loose)
+    assert sum(tight[n][1] < loose[n][1] * 0.95 for n in loose) > len(loose) // 2
+
+
+def test_target_tensorrt_is_symmetric_int8(fp32: Path, tmp_path: Path) -> None:
+    out = tmp_path / "trt.onnx"
+    result = quantize(fp32, CALIBRATION, out,
+                      options=QuantizeOptions(target="tensorrt", num_samples=256))
+    q = read_metadata(out).quantization
+    assert (q["activation_type"], q["weight_type"], q["target"]) == ("int8", "int8", "tensorrt")
+    assert q["activation_symmetric"] is True and q["weight_symmetric"] is True
+    zero_points = _activation_zero_points(onnx.load(str(out)))
+    assert zero_points and all(z.dtype == np.int8 and not z.any() for z in zero_points)
+    # Every photo calibrated, so nothing is held out: the check says so instead of inventing.
+    assert result.num_calibration == PHOTOS
+    assert result.check is None and "no held-out images" in result.check_note
+    # Explicit flags override the target's defaults.
+    assert QuantizeOptions(target="tensorrt", activation_type="uint8").settings() \
+        .activation_type == "uint8"
+    assert QuantizeOptions(per_channel=False).settings().per_channel is False
+
+
+def test_accuracy_aware_fallback_is_reported_and_capped(fp32: Path, image_folder: Path,
+                                                        tmp_path: Path) -> None:
+    out, report = tmp_path / "aa.onnx", tmp_path / "aa.json"
+    # A negative drop is impossible to meet: every step runs, up to --max-fallback.
+    result = _invoke("quantize", "--model", fp32, "--calibration", CALIBRATION,
+                     "--num-samples", 8, "--eval-images", image_folder,
+                     "--max-top1-drop", -50, "--max-fallback", 2, "-o", out, "--json", report)
+    assert result.exit_code == 1
+    assert "FAILED: INT8 top-1 drops" in result.stderr and "was not written" in result.stderr
+    assert not out.exists()
+    data = json.loads(report.read_text())
+    assert data["target_met"] is False
+    steps = data["steps"]
+    assert len(steps) == 3 and steps[0]["fp32_nodes"] == []
+    assert [len(s["fp32_nodes"]) for s in steps] == [0, 1, 2]
+    table = data["sensitivity"]
+    assert len(table) == 21 and {r["op_type"] for r in table} == {"Conv", "Gemm"}
+    assert [r["rank"] for r in table] == list(range(1, 22))
+    errors = [r["error"] for r in table]
+    assert errors == sorted(errors, reverse=True)
+    assert steps[2]["fp32_nodes"] == [table[0]["node"], table[1]["node"]]
+    assert data["fallback_nodes"] == steps[2]["fp32_nodes"]
+    assert data["accuracy"]["n"] == PHOTOS
+    assert "most sensitive nodes" in result.output and "accuracy-aware fallback" in result.output
+    assert "MISSED" in result.output
+
+
+def test_accuracy_target_already_met_keeps_everything_int8(fp32: Path, image_folder: Path,
+                                                           tmp_path: Path) -> None:
+    out = tmp_path / "met.onnx"
+    result = quantize(fp32, CALIBRATION, out, options=QuantizeOptions(
+        num_samples=8, eval_images=image_folder, max_top1_drop=100.0))
+    assert result.target_met is True and result.fallback_nodes == ()
+    assert len(result.steps) == 1 and result.sensitivity == ()
+    assert out.is_file() and result.accuracy["n"] == PHOTOS
+
+
+def test_corrupt_model_is_exit_2_without_output(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x08\x07this is not protobuf" * 10)
+    result = _invoke("quantize", "--model", bad, "--calibration", CALIBRATION)
+    assert result.exit_code == 2
+    assert "not a readable ONNX model" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.onnx"]
+
+
+def test_model_without_metadata_needs_input_size(fp32: Path, tmp_path: Path) -> None:
+    model = onnx.load(str(fp32))
+    keep = [p for p in model.metadata_props if p.key != METADATA_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(keep)
+    bare = tmp_path / "bare.onnx"
+    onnx.save(model, str(bare))
+    result = _invoke("quantize", "--model", bare, "--calibration", CALIBRATION)
+    assert result.exit_code == 2
+    assert "no resnet-deploy preprocessing metadata" in result.stderr
+    assert "--input-size" in result.stderr
+    assert not (tmp_path / "bare.int8.onnx").exists()
+    result = _invoke("quantize", "--model", bare, "--calibration", CALIBRATION,
+                     "--num-samples", 4, "--input-size", 64)
+    assert result.exit_code == 0, result.output
+    meta = read_metadata(tmp_path / "bare.int8.onnx")
+    assert meta.preprocess.input_size == 64 and meta.quantization["fp32_sha256"] == \
+        file_sha256(bare)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--calibration", "{empty}"], "no images"),
+    (["--calibration", "{missing}"], "no such image folder"),
+    (["--calibration", CALIBRATION, "--exclude", "no_such_node"], "--exclude no_such_node"),
+    (["--calibration", CALIBRATION, "--max-top1-drop", "1"], "--max-top1-drop needs"),
+    (["--calibration", CALIBRATION, "--eval-images", "{empty}", "--max-top1-drop", "1"],
+     "no class subfolders"),
+])
+def test_bad_input_is_exit_2_without_output(fp32: Path, tmp_path: Path, args: list,
+                                            message: str) -> None:
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "out.onnx"
+    args = [str(a).format(empty=tmp_path / "empty", missing=tmp_path / "missing") for a in args]
+    result = _invoke("quantize", "--model", fp32, "-o", out, *args)
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr
+    assert not out.exists()
+
+
+def _activation_zero_points(model: onnx.ModelProto) -> list[np.ndarray]:
+    """Zero points of QuantizeLinear nodes (activations; weights are stored pre-quantized)."""
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    return [inits[n.input[2]] for n in model.graph.node
+            if n.op_type == "QuantizeLinear" and len(n.input) > 2 and n.input[2] in inits]
