@@ -15,7 +15,7 @@ from resnet_deploy.cli import main
 from resnet_deploy.metrics import TOLERANCES, compare
 from resnet_deploy.runtime import model_precision
 
-from .conftest import CIFAR_CKPT
+from .conftest import CIFAR_CALIB, CIFAR_DEV
 
 
 def run(*args: object) -> Result:
@@ -143,3 +143,21 @@ def test_tolerances_by_precision() -> None:
 
 def test_precision_read_from_model(random_onnx: Path) -> None:
     assert model_precision(onnx.load(str(random_onnx))) == "fp32"
+
+
+def test_int8_passes_int8_tolerances_and_fails_fp32_ones(cifar_onnx: Path,
+                                                         tmp_path: Path) -> None:
+    int8 = tmp_path / "cifar.int8.onnx"
+    result = run("quantize", "--model", cifar_onnx, "--calibration", CIFAR_CALIB,
+                 "--num-samples", "128", "-o", int8)
+    assert result.exit_code == 0, result.output
+    report = tmp_path / "p.json"
+    args = ("parity", "--model", cifar_onnx, "--model", int8, "--images", CIFAR_DEV,
+            "--limit", "300", "--batch-size", "50")
+    result = run(*args, "--json", report)
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads(report.read_text())["results"]
+    assert row["precision"] == "int8" and row["cosine_min"] >= 0.99
+    assert row["top1_agreement"] >= 0.97 and row["max_abs_diff"] > 1e-3
+    fp32_rules = run(*args, "--rtol", "1e-4", "--min-top1", "1.0")
+    assert fp32_rules.exit_code == 1 and "max abs diff" in fp32_rules.output
