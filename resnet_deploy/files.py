@@ -26,6 +26,9 @@ def atomic_output(path: Path, suffix: str = ".tmp") -> Iterator[Path]:
         raise UserError(f"{path}: cannot write in {folder} ({exc.strerror}); "
                         "choose another output path") from None
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(name, 0o666 & ~umask)  # mkstemp makes 0600; artifacts are meant to be shared
     tmp = Path(name)
     try:
         yield tmp

@@ -189,7 +189,7 @@ def load_model(weights: str = IMAGENET, *, num_classes: int | None = None,
         info_source, labels = IMAGENET, imagenet_labels()
     else:
         path = Path(weights)
-        info_source, labels = str(path), None
+        info_source, labels = str(path.resolve()), None
     state = read_state_dict(path)
     inferred = infer_num_classes(state, path)
     if num_classes is not None and num_classes != inferred:

@@ -1,0 +1,273 @@
+"""bench: schema and sanity of the figures, interleaving, placement, strict providers, outputs,
+the torch baseline, CLI start-up time, and the GPU check script (syntax and CPU smoke mode)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from resnet_deploy.bench import (BenchOptions, BenchReport, Runner, _interleave,
+                                 torch_weights_for, run_bench)
+from resnet_deploy.cli import main
+from resnet_deploy.errors import ProviderUnavailable, UserError
+from resnet_deploy.preprocess import ModelMetadata, PreprocessSpec
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULT_KEYS = {"model", "provider", "batch_size", "p50_ms", "p90_ms", "p99_ms", "mean_ms",
+               "min_ms", "throughput_ips", "session_s", "peak_rss_mb", "placement"}
+FAST = dict(warmup=1, iterations=6, block=2)
+
+
+@pytest.fixture(scope="module")
+def two_models(random_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """The random model and an FP16 copy: two different models of the same shape."""
+    from resnet_deploy.fp16 import convert_fp16
+
+    half = tmp_path_factory.mktemp("bench") / "random10.fp16.onnx"
+    convert_fp16(random_onnx, half)
+    return [random_onnx, half]
+
+
+@pytest.fixture(scope="module")
+def report(two_models: list[Path]) -> BenchReport:
+    options = BenchOptions(batch_sizes=(1, 2), torch_baseline=True, threads=1, **FAST)
+    return run_bench(two_models, options)
+
+
+def test_json_schema_and_sane_values(report: BenchReport) -> None:
+    data = json.loads(json.dumps(report.to_dict()))
+    assert {"cpu", "cores", "providers", "versions"} <= set(data["machine"])
+    assert "CPUExecutionProvider" in data["machine"]["providers"]
+    assert "onnxruntime" in data["machine"]["versions"]
+    for row in data["results"]:
+        assert RESULT_KEYS <= set(row), RESULT_KEYS - set(row)
+        assert 0 < row["min_ms"] <= row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"]
+        assert row["min_ms"] <= row["mean_ms"]
+        expected = row["batch_size"] * 1000.0 / row["p50_ms"]
+        assert row["throughput_ips"] == pytest.approx(expected, rel=1e-3)
+        assert row["session_s"] > 0 and row["peak_rss_mb"] > 50
+        assert row["iterations"] == FAST["iterations"]
+
+
+def test_every_model_at_every_batch_size_in_order(report: BenchReport,
+                                                  two_models: list[Path]) -> None:
+    keys = [(r.model, r.batch_size) for r in report.results]
+    labels = [str(two_models[0]), str(two_models[1]), "torch"]
+    assert keys == [(label, b) for b in (1, 2) for label in labels]
+    first = [r for r in report.results if r.model == labels[0]]
+    assert all(r.ratio_p50 == 1.0 for r in first)
+    assert all(r.ratio_p50 and r.ratio_p50 > 0 for r in report.results)
+
+
+def test_placement_shows_cpu_nodes(report: BenchReport, two_models: list[Path]) -> None:
+    for result in report.results:
+        if result.model == "torch":
+            assert result.placement is None
+        else:
+            assert result.placement and result.placement.get("cpu", 0) > 0
+            assert set(result.placement) == {"cpu"}
+    assert {r.precision for r in report.results if r.model == str(two_models[1])} == {"fp16"}
+
+
+def test_torch_baseline_present_and_says_its_weights(report: BenchReport) -> None:
+    torch_rows = [r for r in report.results if r.model == "torch"]
+    assert [r.provider for r in torch_rows] == ["torch-cpu", "torch-cpu"]
+    assert any("random weights" in note for note in report.notes)
+
+
+class _Recorder(Runner):
+    def __init__(self, name: str, log: list[str]) -> None:
+        self.name, self.log = name, log
+
+    def timed_ns(self) -> int:
+        self.log.append(self.name)
+        return 1000
+
+
+def test_round_robin_blocks_with_rotating_order() -> None:
+    calls: list[str] = []
+    runners = [_Recorder("a", calls), _Recorder("b", calls), _Recorder("c", calls)]
+    samples = _interleave(runners, BenchOptions(iterations=6, block=2), lambda m: None, 1)
+    assert [len(s) for s in samples] == [6, 6, 6]
+    assert "".join(calls) == "aabbcc" + "bbccaa" + "ccaabb"  # each model leads one round
+
+
+def test_duration_mode_gives_equal_counts() -> None:
+    calls: list[str] = []
+    runners = [_Recorder("a", calls), _Recorder("b", calls)]
+    options = BenchOptions(duration_s=10e-6, block=1)  # 10 us per runner at 1 us a call
+    samples = _interleave(runners, options, lambda m: None, 1)
+    assert len(samples[0]) == len(samples[1]) == 10
+
+
+def test_io_binding_on_cpu_and_duration(random_onnx: Path) -> None:
+    options = BenchOptions(batch_sizes=(2,), io_binding=True, duration_s=0.05, warmup=1,
+                           block=1, placement=False)
+    result = run_bench([random_onnx], options).results[0]
+    assert result.io_binding and not result.cuda_graph and result.placement is None
+    assert result.iterations >= 1 and result.p50_ms > 0
+
+
+def test_torch_weights_default() -> None:
+    spec = PreprocessSpec.create(64)
+
+    def meta(**weights: object) -> ModelMetadata:
+        return ModelMetadata(spec, None, dict(weights), "dynamo", 18, {})
+
+    assert torch_weights_for(meta(source="imagenet"), None) == ("imagenet", None)
+    assert torch_weights_for(meta(source=__file__), None) == (__file__, None)
+    weights, note = torch_weights_for(meta(source="/no/such.pth"), None)
+    assert weights == "random" and note and "/no/such.pth" in note
+    weights, note = torch_weights_for(meta(source="random", seed=3), None)
+    assert weights == "random" and note and "seed 3" in note
+    assert torch_weights_for(None, "x.pth") == ("x.pth", None)
+
+
+def test_unavailable_provider_is_an_error_naming_the_install(random_onnx: Path) -> None:
+    result = CliRunner().invoke(main, ["bench", "--model", str(random_onnx),
+                                       "--provider", "cuda"])
+    assert result.exit_code == 2, result.output
+    assert "pip install 'resnet-deploy[cuda]'" in result.output
+    with pytest.raises(ProviderUnavailable):
+        run_bench([random_onnx], BenchOptions(provider="tensorrt"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--cuda-graph"], "--cuda-graph needs --provider cuda or tensorrt"),
+    (["--iterations", "3", "--duration", "1"], "either --iterations or --duration"),
+    (["--batch-size", "1,x"], "comma-separated integers"),
+])
+def test_bad_options_exit_2(random_onnx: Path, args: list[str], message: str) -> None:
+    result = CliRunner().invoke(main, ["bench", "--model", str(random_onnx), *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+
+
+def test_missing_model_is_a_user_error(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="no such model file"):
+        run_bench([tmp_path / "absent.onnx"], BenchOptions(**FAST))
+
+
+def test_cli_writes_table_json_markdown_and_plot(random_onnx: Path, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    out = {k: tmp_path / f"bench.{k}" for k in ("json", "md", "png")}
+    result = CliRunner().invoke(main, [
+        "bench", "--model", str(random_onnx), "--batch-size", "1,2", "--warmup", "1",
+        "--iterations", "3", "--json", str(out["json"]), "--markdown", str(out["md"]),
+        "--plot", str(out["png"])])
+    assert result.exit_code == 0, result.output
+    assert "p50 ms" in result.output and "cpu:" in result.output
+    data = json.loads(out["json"].read_text())
+    assert [r["batch_size"] for r in data["results"]] == [1, 2]
+    assert data["results"][0]["model"] == str(random_onnx)
+    assert out["md"].read_text().count("\n| ") >= 3
+    assert out["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_without_matplotlib_fails_before_measuring(random_onnx: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import now raises ImportError
+    start = time.perf_counter()
+    result = CliRunner().invoke(main, ["bench", "--model", str(random_onnx),
+                                       "--plot", str(tmp_path / "p.png")])
+    assert result.exit_code == 2
+    assert "pip install 'resnet-deploy[plot]'" in result.output
+    assert time.perf_counter() - start < 2 and not (tmp_path / "p.png").exists()
+
+
+def _cli_command() -> list[str]:
+    script = Path(sys.executable).with_name("resnet-deploy")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "resnet_deploy.cli"]
+
+
+def test_help_starts_fast_and_imports_no_heavy_module() -> None:
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        subprocess.run([*_cli_command(), "--help"], check=True, capture_output=True)
+        best = min(best, time.perf_counter() - start)
+    assert best < 0.5, f"resnet-deploy --help took {best:.2f}s (best of 3)"
+    code = ("import sys, resnet_deploy.cli; "
+            "print(sorted({'torch', 'onnxruntime', 'onnx', 'matplotlib'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                         text=True).stdout.strip()
+    assert out == "[]"
+
+
+# --- scripts/gpu_check.sh ---------------------------------------------------------------------
+
+SCRIPT = ROOT / "scripts" / "gpu_check.sh"
+
+
+def test_gpu_check_script_parses() -> None:
+    subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
+
+
+def _gpu_check_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    return {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_WORK": str(tmp_path / "work"),
+            "SHARED_DIR": str(tmp_path / "no-shared"), **extra}
+
+
+def test_gpu_check_dry_run_lists_gpu_steps(tmp_path: Path) -> None:
+    proc = subprocess.run(["bash", str(SCRIPT), str(tmp_path / "r"), "--dry-run"],
+                          env=_gpu_check_env(tmp_path), capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    for needle in ("bench-r224-cuda:", "--cuda-graph", "bench-r224-tensorrt-graph:",
+                   "--io-binding", "convert-fp16", "--batch-size 1,32,256"):
+        assert needle in proc.stdout
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["counts"]["dry-run"] >= 8
+
+
+def test_gpu_check_cpu_smoke_mode(random_onnx: Path, tmp_path: Path) -> None:
+    """The whole flow on CPU with a prebuilt model: steps recorded, results written."""
+    model = tmp_path / "m.onnx"
+    shutil.copy(random_onnx, model)
+    results = tmp_path / "results"
+    env = _gpu_check_env(tmp_path, GPU_CHECK_PROVIDERS="cpu", GPU_CHECK_MODELS=str(model),
+                         GPU_CHECK_ITERATIONS="3", GPU_CHECK_WARMUP="1",
+                         GPU_CHECK_BATCHES="1")
+    proc = subprocess.run(["bash", str(SCRIPT), str(results)], env=env, capture_output=True,
+                          text=True, timeout=240, cwd=tmp_path)
+    summary = json.loads((results / "summary.json").read_text())
+    steps = {s["step"]: s for s in summary["steps"]}
+    assert steps["fp16-m"]["status"] == "ok", proc.stderr
+    assert steps["bench-m-cpu"]["status"] == "ok", (results / "logs/bench-m-cpu.log").read_text()
+    assert steps["bench-gpu"]["status"] == "skipped"
+    assert {"parity-m", "quantize-m"} <= set(steps)
+    assert all(s["status"] in ("ok", "failed", "timeout", "skipped") for s in steps.values())
+    assert proc.returncode == (0 if summary["passed"] else 1)
+    bench = json.loads((results / "bench-m-cpu.json").read_text())
+    models = [r["model"] for r in bench["results"]]
+    assert str(model) in models and "torch" in models and len(models) >= 3
+
+
+@pytest.mark.gpu
+def test_cuda_io_binding_and_cuda_graph(two_models: list[Path]) -> None:
+    options = BenchOptions(provider="cuda", batch_sizes=(1, 4), io_binding=True,
+                           cuda_graph=True, warmup=3, iterations=10, block=2)
+    report = run_bench(two_models, options)
+    assert len(report.results) == 4
+    for result in report.results:
+        assert result.provider == "cuda" and result.io_binding and result.cuda_graph
+        assert result.placement and result.placement.get("cuda", 0) > 0
+        assert result.p50_ms <= result.p99_ms
+    assert "gpu" in report.machine
+
+
+@pytest.mark.gpu
+def test_cuda_io_binding_with_torch_baseline(random_onnx: Path) -> None:
+    options = BenchOptions(provider="cuda", batch_sizes=(8,), io_binding=True,
+                           torch_baseline=True, warmup=3, iterations=10)
+    report = run_bench([random_onnx], options)
+    assert [r.model for r in report.results] == [str(random_onnx), "torch"]
+    assert report.results[0].throughput_ips > 0
