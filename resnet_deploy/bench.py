@@ -23,7 +23,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from importlib import metadata as importlib_metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -41,7 +42,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TORCH_MODEL = "torch"
-DEFAULT_TRT_CACHE = "artifacts/trt_cache"
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ class BenchOptions:
     torch_baseline: bool = False
     torch_weights: str | None = None
     placement: bool = True
-    trt_cache_dir: str = DEFAULT_TRT_CACHE
+    trt_cache_dir: str | None = None  # None: runtime.DEFAULT_TRT_CACHE
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:

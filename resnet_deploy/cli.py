@@ -6,11 +6,11 @@ pay for torch or onnxruntime. Errors: UserError -> exit 2, CheckFailed -> exit 1
 
 from __future__ import annotations
 
-import functools
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import click
 
@@ -54,7 +54,10 @@ def main(verbose: int) -> None:
 
 # --- shared option bundles -------------------------------------------------------------
 
-def preprocess_options(required: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+def preprocess_options(required: bool = False) -> Decorator:
     """--input-size/--resize-size/--mean/--std; None unless given, so model metadata wins."""
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -92,7 +95,7 @@ def json_option(fn: Callable[..., Any]) -> Callable[..., Any]:
                         default=None, help="Also write the results as JSON here.")(fn)
 
 
-def weights_option(default: str | None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def weights_option(default: str | None) -> Decorator:
     return click.option("--weights", default=default, metavar="imagenet|random|PATH",
                         help="torchvision ImageNet weights, a seeded random init, or a "
                              ".pth/.pt/.safetensors checkpoint.")
@@ -108,6 +111,20 @@ def write_json_if(path: Path | None, data: Any) -> None:
 
         write_json(path, data)
         emit(f"wrote {path}")
+
+
+def show_result(produce: Callable[[], Any], render: Callable[[Any], None],
+                json_path: Path | None) -> None:
+    """Render and save a result; when its check fails, still show what was measured."""
+    try:
+        result = produce()
+    except CheckFailed as exc:
+        if exc.report is not None:
+            render(exc.report)
+            write_json_if(json_path, exc.report.to_dict())
+        raise
+    render(result)
+    write_json_if(json_path, result.to_dict())
 
 
 def random_banner(weights: Any) -> None:
@@ -177,15 +194,8 @@ def export(weights: str, num_classes: int | None, input_size: int | None,
     spec = build_spec(input_size, resize_size, mean, std, default_size=224)
     options = ExportOptions(exporter=exporter, opset=opset, dynamic_batch=dynamic_batch,
                             simplify=simplify, parity_images=parity_images, seed=seed)
-    try:
-        result = run_export(model, loaded, spec, output, labels=read_labels(labels),
-                            options=options)
-    except CheckFailed as exc:
-        if exc.report is not None:
-            render_export(exc.report)
-        raise
-    render_export(result)
-    write_json_if(json_path, result.to_dict())
+    show_result(lambda: run_export(model, loaded, spec, output, labels=read_labels(labels),
+                                   options=options), render_export, json_path)
 
 
 def render_export(result: Any) -> None:
@@ -194,7 +204,7 @@ def render_export(result: Any) -> None:
     emit(f"{result.output}: {result.exporter} exporter, opset {result.opset}, "
          f"{result.simplifier} simplified {result.nodes_before} -> {result.nodes_after} nodes, "
          f"{result.size_bytes / 1e6:.1f} MB; weights: {result.weights}")
-    emit(f"times: " + ", ".join(f"{k} {v:.2f}s" for k, v in result.seconds.items()))
+    emit("times: " + ", ".join(f"{k} {v:.2f}s" for k, v in result.seconds.items()))
     parity = result.parity
     emit(f"parity, PyTorch vs ORT CPU on {parity['inputs']} ({parity['tolerance']}):")
     emit(format_table(parity["rows"], [
@@ -397,15 +407,8 @@ def quantize(model: Path, calibration: Path, output: Path | None, method: str,
         target=target, exclude=tuple(exclude), eval_images=eval_images,
         max_top1_drop=max_top1_drop, max_fallback=max_fallback, strict=strict, seed=seed,
         progress=progress_enabled(), spec=build_spec(input_size, resize_size, mean, std))
-    try:
-        result = run_quantize(model, calibration, output, options=options)
-    except CheckFailed as exc:
-        if exc.report is not None:
-            render_quantize(exc.report)
-            write_json_if(json_path, exc.report.to_dict())
-        raise
-    render_quantize(result)
-    write_json_if(json_path, result.to_dict())
+    show_result(lambda: run_quantize(model, calibration, output, options=options),
+                render_quantize, json_path)
 
 
 def render_quantize(result: Any) -> None:
@@ -534,8 +537,8 @@ def split_batch_sizes(value: str) -> tuple[int, ...]:
               help="Inputs and outputs bound on the device (run_with_iobinding).")
 @click.option("--cuda-graph", is_flag=True,
               help="Capture and replay a CUDA graph (cuda/tensorrt; needs --io-binding).")
-@click.option("--trt-cache", type=click.Path(file_okay=False), default="artifacts/trt_cache",
-              show_default=True, help="TensorRT engine cache folder.")
+@click.option("--trt-cache", type=click.Path(file_okay=False), default=None,
+              help="TensorRT engine cache folder (default artifacts/trt_cache).")
 @click.option("--placement/--no-placement", default=True, show_default=True,
               help="Count nodes per provider in a separate short profiled session.")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -547,7 +550,7 @@ def split_batch_sizes(value: str) -> tuple[int, ...]:
 def bench(models: tuple[Path, ...], provider: str, batch_sizes: str, warmup: int,
           iterations: int | None, duration: float | None, block: int, threads: int | None,
           torch_baseline: bool, weights: str | None, io_binding: bool, cuda_graph: bool,
-          trt_cache: str, placement: bool, seed: int, json_path: Path | None,
+          trt_cache: str | None, placement: bool, seed: int, json_path: Path | None,
           markdown_path: Path | None, plot_path: Path | None) -> None:
     """Measure latency and throughput of ONNX models, interleaved so drift hits all equally.
 
@@ -641,14 +644,8 @@ def convert_fp16(model: Path, output: Path | None, check_images: Path,
     from .fp16 import Fp16Options
     from .fp16 import convert_fp16 as run_convert
 
-    try:
-        result = run_convert(model, output, options=Fp16Options(check_images=check_images))
-    except CheckFailed as exc:
-        if exc.report is not None:
-            render_fp16(exc.report)
-        raise
-    render_fp16(result)
-    write_json_if(json_path, result.to_dict())
+    options = Fp16Options(check_images=check_images)
+    show_result(lambda: run_convert(model, output, options=options), render_fp16, json_path)
 
 
 def render_fp16(result: Any) -> None:

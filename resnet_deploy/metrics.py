@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 
 
-def _round(value: float) -> float:
+def round_sig(value: float) -> float:
+    """Six significant digits: enough for any report, short enough to read in JSON."""
     return float(f"{value:.6g}") if math.isfinite(value) else value
 
 
@@ -43,9 +44,9 @@ class Comparison:
         return self.max_abs_diff
 
     def to_dict(self) -> dict[str, Any]:
-        data = {k: (_round(v) if isinstance(v, float) else v)
+        data = {k: (round_sig(v) if isinstance(v, float) else v)
                 for k, v in dataclasses.asdict(self).items()}
-        data["min_atol"] = _round(self.min_atol)
+        data["min_atol"] = round_sig(self.min_atol)
         return data
 
 
@@ -57,7 +58,8 @@ def top_k(logits: np.ndarray, k: int) -> np.ndarray:
 def compare(reference: np.ndarray, candidate: np.ndarray) -> Comparison:
     """Compare two (N, classes) logit arrays."""
     if reference.shape != candidate.shape:
-        raise ValueError(f"shape mismatch: reference {reference.shape}, candidate {candidate.shape}")
+        raise ValueError(f"shape mismatch: reference {reference.shape}, "
+                         f"candidate {candidate.shape}")
     ref = reference.astype(np.float64)
     cand = candidate.astype(np.float64)
     nonfinite = int((~np.isfinite(cand)).sum())

@@ -12,7 +12,8 @@ import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -21,7 +22,7 @@ from .files import atomic_output
 from .metrics import TOLERANCES, Comparison, Tolerance, compare
 from .preprocess import (PreprocessSpec, image_inputs, load_onnx,
                          metadata_from_proto, random_inputs, resolve_spec)
-from .runtime import (Backend, OrtBackend, TorchBackend, model_precision, provider_name,
+from .runtime import (OrtBackend, TorchBackend, model_precision, provider_name,
                       run_batched, short_provider, torch_devices)
 
 log = logging.getLogger(__name__)

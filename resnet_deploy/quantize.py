@@ -19,7 +19,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -27,7 +28,7 @@ from .calibration import (DEFAULT_BATCH, DEFAULT_NUM_SAMPLES, ImageFolderReader,
                           LabelledImages, hits, labelled_images, read_images)
 from .errors import CheckFailed, UserError
 from .files import atomic_output
-from .metrics import Comparison, compare
+from .metrics import Comparison, compare, round_sig
 from .model import file_sha256
 from .preprocess import (ModelMetadata, PreprocessSpec, list_images, load_onnx,
                          metadata_from_proto, resolve_spec, seeded_subset, write_metadata)
@@ -373,18 +374,14 @@ def sensitivity(pre: Path, cache: Path, settings: QuantSettings, candidates: Seq
         quantize_with_ranges(pre, cache, path, settings, only=[node])
         cmp = compare(reference, _run(path, inputs, batch_size))
         rows.append({"node": node, "op_type": (op_types or {}).get(node, "?"),
-                     "error": _round(1.0 - cmp.cosine_mean),
-                     "cosine_mean": _round(cmp.cosine_mean),
-                     "max_abs_diff": _round(cmp.max_abs_diff),
-                     "top1_agreement": _round(cmp.top1_agreement)})
+                     "error": round_sig(1.0 - cmp.cosine_mean),
+                     "cosine_mean": round_sig(cmp.cosine_mean),
+                     "max_abs_diff": round_sig(cmp.max_abs_diff),
+                     "top1_agreement": round_sig(cmp.top1_agreement)})
     rows.sort(key=lambda r: (-r["error"], -r["max_abs_diff"]))
     for rank, row in enumerate(rows, 1):
         row["rank"] = rank
     return rows
-
-
-def _round(value: float) -> float:
-    return float(f"{value:.6g}")
 
 
 def _metadata(proto: onnx.ModelProto, meta: ModelMetadata | None,

@@ -32,6 +32,7 @@ PROVIDERS = {
     "cuda": "CUDAExecutionProvider",
     "tensorrt": "TensorrtExecutionProvider",
 }
+DEFAULT_TRT_CACHE = "artifacts/trt_cache"  # TensorRT engines are slow to build: keep them
 GPU_INSTALL_HINT = ("pip install 'resnet-deploy[cuda]' (onnxruntime-gpu, which needs CUDA 13 "
                     "and cuDNN 9 on the library path; TensorRT 10 for the tensorrt provider)")
 
@@ -78,7 +79,7 @@ class SessionConfig:
     cuda_graph: bool = False
     trt_fp16: bool = False
     trt_int8: bool = False
-    trt_cache_dir: str | None = None
+    trt_cache_dir: str | None = None  # None: DEFAULT_TRT_CACHE
 
 
 def _provider_chain(full: str, cfg: SessionConfig) -> list[Any]:
@@ -89,7 +90,7 @@ def _provider_chain(full: str, cfg: SessionConfig) -> list[Any]:
     if full == PROVIDERS["tensorrt"]:
         trt = {"trt_fp16_enable": str(cfg.trt_fp16), "trt_int8_enable": str(cfg.trt_int8),
                "trt_engine_cache_enable": "True",
-               "trt_engine_cache_path": cfg.trt_cache_dir or "artifacts/trt_cache",
+               "trt_engine_cache_path": cfg.trt_cache_dir or DEFAULT_TRT_CACHE,
                "trt_cuda_graph_enable": str(cfg.cuda_graph)}
         Path(trt["trt_engine_cache_path"]).mkdir(parents=True, exist_ok=True)
         return [(full, trt), (PROVIDERS["cuda"], {}), cpu]

@@ -64,6 +64,22 @@ def cifar_onnx(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
 
 @pytest.fixture
+def bare_onnx(random_onnx: Path, tmp_path: Path) -> Path:
+    """``random_onnx`` without its resnet-deploy metadata, like a model exported elsewhere."""
+    import onnx
+
+    from resnet_deploy.preprocess import METADATA_KEY
+
+    model = onnx.load(str(random_onnx))
+    keep = [p for p in model.metadata_props if p.key != METADATA_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(keep)
+    path = tmp_path / "bare.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     """An ImageFolder (two classes) built from the shipped calibration photos."""
     root = tmp_path / "imagefolder"

@@ -7,13 +7,12 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 from click.testing import CliRunner
 
 from resnet_deploy.cli import main
 from resnet_deploy.evaluate import EvaluateOptions, evaluate
-from resnet_deploy.preprocess import METADATA_KEY, list_images, load_batch, read_metadata
+from resnet_deploy.preprocess import list_images, load_batch, read_metadata
 from resnet_deploy.runtime import OrtBackend
 
 from .conftest import CALIBRATION, CIFAR_DEV
@@ -97,18 +96,13 @@ def test_non_imagefolder_layouts_are_exit_2(random_onnx: Path, tmp_path: Path) -
     assert result.exit_code == 2 and "no such folder" in result.stderr
 
 
-def test_corrupt_model_and_missing_metadata_are_exit_2(random_onnx: Path, image_folder: Path,
+def test_corrupt_model_and_missing_metadata_are_exit_2(bare_onnx: Path, image_folder: Path,
                                                        tmp_path: Path) -> None:
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"garbage" * 50)
     result = _invoke("evaluate", "--model", bad, "--images", image_folder)
     assert result.exit_code == 2 and "not a readable ONNX model" in result.stderr
-    model = onnx.load(str(random_onnx))
-    keep = [p for p in model.metadata_props if p.key != METADATA_KEY]
-    del model.metadata_props[:]
-    model.metadata_props.extend(keep)
-    bare = tmp_path / "bare.onnx"
-    onnx.save(model, str(bare))
+    bare = bare_onnx
     result = _invoke("evaluate", "--model", bare, "--images", image_folder)
     assert result.exit_code == 2 and "--input-size" in result.stderr
     result = _invoke("evaluate", "--model", bare, "--images", image_folder,

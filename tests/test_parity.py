@@ -103,11 +103,8 @@ def test_golden_outputs_round_trip(random_onnx: Path, perturbed: Path, tmp_path:
     assert result.exit_code == 2 and "6 inputs but 7" in result.output
 
 
-def test_model_without_metadata_needs_input_size(random_onnx: Path, tmp_path: Path) -> None:
-    bare = onnx.load(str(random_onnx))
-    del bare.metadata_props[:]
-    path = tmp_path / "bare.onnx"
-    onnx.save(bare, str(path))
+def test_model_without_metadata_needs_input_size(random_onnx: Path, bare_onnx: Path) -> None:
+    path = bare_onnx
     result = run("parity", "--model", path, "--model", random_onnx, "--random", "2")
     assert result.exit_code == 2 and "--input-size" in result.output
     result = run("parity", "--model", path, "--model", random_onnx, "--random", "2",

@@ -15,7 +15,7 @@ from onnx import numpy_helper
 from resnet_deploy.calibration import ImageFolderReader
 from resnet_deploy.cli import main
 from resnet_deploy.model import file_sha256
-from resnet_deploy.preprocess import METADATA_KEY, list_images, read_metadata
+from resnet_deploy.preprocess import list_images, read_metadata
 from resnet_deploy.quantize import (QuantizeOptions, calibrate, default_output,
                                     preprocess_for_quantization, quantize)
 from resnet_deploy.runtime import model_precision
@@ -203,13 +203,8 @@ def test_corrupt_model_is_exit_2_without_output(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.onnx"]
 
 
-def test_model_without_metadata_needs_input_size(fp32: Path, tmp_path: Path) -> None:
-    model = onnx.load(str(fp32))
-    keep = [p for p in model.metadata_props if p.key != METADATA_KEY]
-    del model.metadata_props[:]
-    model.metadata_props.extend(keep)
-    bare = tmp_path / "bare.onnx"
-    onnx.save(model, str(bare))
+def test_model_without_metadata_needs_input_size(bare_onnx: Path, tmp_path: Path) -> None:
+    bare = bare_onnx
     result = _invoke("quantize", "--model", bare, "--calibration", CALIBRATION)
     assert result.exit_code == 2
     assert "no resnet-deploy preprocessing metadata" in result.stderr
