@@ -384,6 +384,64 @@ def sensitivity(pre: Path, cache: Path, settings: QuantSettings, candidates: Seq
     return rows
 
 
+@dataclass(frozen=True)
+class FallbackOutcome:
+    """What the accuracy-aware loop did: each step's accuracy, and the nodes left in FP32."""
+
+    table: tuple[dict[str, Any], ...] = ()
+    steps: tuple[FallbackStep, ...] = ()
+    nodes: tuple[str, ...] = ()
+    met: bool | None = None
+    logits: np.ndarray | None = None
+
+    def accuracy(self, reference: np.ndarray, targets: np.ndarray,
+                 max_drop: float | None) -> dict[str, Any]:
+        fp32_top1, fp32_top5 = _accuracy(reference, targets)
+        last = self.steps[-1]
+        return {"n": len(targets), "fp32_top1": round(fp32_top1, 6),
+                "fp32_top5": round(fp32_top5, 6), "int8_top1": round(last.top1, 6),
+                "int8_top5": round(last.top5, 6), "top1_drop_pt": round(last.drop_pt, 4),
+                "max_top1_drop_pt": max_drop}
+
+
+def keep_sensitive_in_fp32(pre: Path, cache: Path, int8: Path, settings: QuantSettings,
+                           options: QuantizeOptions, op_types: dict[str, str],
+                           inputs: np.ndarray, targets: np.ndarray,
+                           reference: np.ndarray) -> FallbackOutcome:
+    """Measure INT8 top-1 on labelled images; while it misses --max-top1-drop, re-quantize
+    ``int8`` with the next most sensitive node kept in FP32, up to --max-fallback nodes."""
+    fp32_top1, _ = _accuracy(reference, targets)
+
+    def measure(nodes: tuple[str, ...]) -> tuple[FallbackStep, np.ndarray]:
+        logits = _run(int8, inputs, options.batch_size)
+        top1, top5 = _accuracy(logits, targets)
+        return FallbackStep(nodes, top1, top5, 100 * (fp32_top1 - top1)), logits
+
+    step, logits = measure(())
+    steps = [step]
+    limit = options.max_top1_drop
+    met = None if limit is None else step.drop_pt <= limit
+    if limit is None or met or options.max_fallback <= 0:
+        return FallbackOutcome(steps=tuple(steps), met=met, logits=logits)
+    candidates = [n for n, t in op_types.items() if t in SENSITIVE_OPS and n not in options.exclude]
+    chosen = seeded_subset(list(range(len(inputs))), SENSITIVITY_SAMPLES, options.seed)
+    table = sensitivity(pre, cache, settings, candidates, inputs[chosen],
+                        reference[chosen], int8.parent, batch_size=options.batch_size,
+                        progress=options.progress, op_types=op_types)
+    nodes: tuple[str, ...] = ()
+    for row in table[:options.max_fallback]:
+        nodes = (*nodes, row["node"])
+        quantize_with_ranges(pre, cache, int8, settings, exclude=[*options.exclude, *nodes])
+        step, logits = measure(nodes)
+        steps.append(step)
+        log.info("kept %s in FP32: top-1 %.2f%% (drop %.2f pt)", row["node"], 100 * step.top1,
+                 step.drop_pt)
+        met = step.drop_pt <= limit
+        if met:
+            break
+    return FallbackOutcome(tuple(table), tuple(steps), nodes, met, logits)
+
+
 def _metadata(proto: onnx.ModelProto, meta: ModelMetadata | None,
               spec: PreprocessSpec) -> ModelMetadata:
     """The FP32 record (with the spec actually used), or a minimal one for a foreign model."""
@@ -450,43 +508,15 @@ def quantize(model: str | Path, calibration: str | Path, output: str | Path | No
         evalset = _eval_set(reader, spec, options, meta.labels if meta else None)
         check, note = None, ("no held-out images: calibration used every image in "
                              f"{reader.root}; pass --eval-images DIR for a check")
-        accuracy, table, steps, fallback, met = None, [], [], [], None
+        accuracy, fallback = None, FallbackOutcome()
         if evalset is not None:
             reference = _run(model, evalset.inputs, options.batch_size)
             logits = _run(int8, evalset.inputs, options.batch_size)
             if evalset.targets is not None:
-                fp32_top1, fp32_top5 = _accuracy(reference, evalset.targets)
-                top1, top5 = _accuracy(logits, evalset.targets)
-                steps.append(FallbackStep((), top1, top5, 100 * (fp32_top1 - top1)))
-                if options.max_top1_drop is not None:
-                    met = steps[-1].drop_pt <= options.max_top1_drop
-                if met is False and options.max_fallback > 0:
-                    candidates = [n for n, t in op_types.items()
-                                  if t in SENSITIVE_OPS and n not in options.exclude]
-                    chosen = seeded_subset(list(range(len(evalset.inputs))),
-                                           SENSITIVITY_SAMPLES, options.seed)
-                    table = sensitivity(pre, cache, settings, candidates,
-                                        evalset.inputs[chosen], reference[chosen], workdir,
-                                        batch_size=options.batch_size,
-                                        progress=options.progress, op_types=op_types)
-                    for row in table[:options.max_fallback]:
-                        fallback.append(row["node"])
-                        quantize_with_ranges(pre, cache, int8, settings,
-                                             exclude=[*options.exclude, *fallback])
-                        logits = _run(int8, evalset.inputs, options.batch_size)
-                        top1, top5 = _accuracy(logits, evalset.targets)
-                        steps.append(FallbackStep(tuple(fallback), top1, top5,
-                                                  100 * (fp32_top1 - top1)))
-                        log.info("kept %s in FP32: top-1 %.2f%% (drop %.2f pt)", row["node"],
-                                 100 * top1, steps[-1].drop_pt)
-                        met = steps[-1].drop_pt <= options.max_top1_drop
-                        if met:
-                            break
-                accuracy = {"n": len(evalset.targets), "fp32_top1": round(fp32_top1, 6),
-                            "fp32_top5": round(fp32_top5, 6), "int8_top1": round(top1, 6),
-                            "int8_top5": round(top5, 6),
-                            "top1_drop_pt": round(steps[-1].drop_pt, 4),
-                            "max_top1_drop_pt": options.max_top1_drop}
+                fallback = keep_sensitive_in_fp32(pre, cache, int8, settings, options, op_types,
+                                                  evalset.inputs, evalset.targets, reference)
+                logits, accuracy = fallback.logits, fallback.accuracy(reference, evalset.targets,
+                                                                      options.max_top1_drop)
             check, note = _check_dict(compare(reference, logits), evalset.source), ""
         seconds["check"] = time.perf_counter() - start
 
@@ -495,7 +525,7 @@ def quantize(model: str | Path, calibration: str | Path, output: str | Path | No
             **settings.to_dict(), "format": "QDQ", "num_samples": len(reader.used),
             "calibration_sha256": reader.file_list_sha256(),
             "fp32_sha256": file_sha256(model), "fp32_model": model.name,
-            "excluded": list(options.exclude), "fallback": fallback,
+            "excluded": list(options.exclude), "fallback": list(fallback.nodes),
             "onnxruntime": onnxruntime.__version__,
         }
         write_metadata(quantized, dataclasses.replace(_metadata(proto, meta, spec),
@@ -507,12 +537,13 @@ def quantize(model: str | Path, calibration: str | Path, output: str | Path | No
             calibration_sha256=quantization["calibration_sha256"],
             seconds={k: round(v, 3) for k, v in seconds.items()},
             fp32_bytes=model.stat().st_size, int8_bytes=out_tmp.stat().st_size,
-            check=check, check_note=note, accuracy=accuracy, sensitivity=tuple(table),
-            steps=tuple(steps), fallback_nodes=tuple(fallback), target_met=met)
-        if met is False:
+            check=check, check_note=note, accuracy=accuracy,
+            sensitivity=tuple(fallback.table), steps=tuple(fallback.steps),
+            fallback_nodes=tuple(fallback.nodes), target_met=fallback.met)
+        if fallback.met is False:
             raise CheckFailed(
-                f"INT8 top-1 drops {steps[-1].drop_pt:.2f} pt (> --max-top1-drop "
-                f"{options.max_top1_drop:g}) with {len(fallback)} node(s) kept in FP32 "
+                f"INT8 top-1 drops {fallback.steps[-1].drop_pt:.2f} pt (> --max-top1-drop "
+                f"{options.max_top1_drop:g}) with {len(fallback.nodes)} node(s) kept in FP32 "
                 f"(--max-fallback {options.max_fallback}); {output} was not written",
                 report=result)
     return result
