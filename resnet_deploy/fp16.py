@@ -23,7 +23,7 @@ from .files import atomic_output
 from .metrics import TOLERANCES, compare
 from .model import file_sha256
 from .preprocess import PreprocessSpec, load_onnx, metadata_from_proto, write_metadata
-from .runtime import OrtBackend, model_precision
+from .runtime import OrtBackend, model_precision, run_batched
 
 if TYPE_CHECKING:
     import onnx
@@ -185,10 +185,10 @@ def check_fp16(fp32: Path, fp16: Path, spec: PreprocessSpec | None,
         spec = PreprocessSpec.create(int(shape[-1]))
     inputs, described = parity_inputs(spec, options.check_images, options.check_samples,
                                       options.seed)
-    if isinstance(fp32_backend.session.get_inputs()[0].shape[0], int):
-        inputs = inputs[:1]  # a static-batch export takes one image per run
-    reference = fp32_backend.infer(inputs)
-    candidate = OrtBackend(fp16, "cpu").infer(inputs)
+    static = isinstance(fp32_backend.session.get_inputs()[0].shape[0], int)
+    batch = 1 if static else len(inputs)  # a static-batch export takes one image per run
+    reference = run_batched(fp32_backend, inputs, batch)
+    candidate = run_batched(OrtBackend(fp16, "cpu"), inputs, batch)
     tolerance = TOLERANCES["fp16"]
     cmp = compare(reference, candidate)
     failures = tolerance.failures(cmp)
