@@ -129,3 +129,24 @@ def test_malicious_pickle_does_not_execute(tmp_path: Path) -> None:
 def test_shared_cifar_checkpoint_loads(shared_data: Path) -> None:
     model, info = load_model(str(shared_data / "cifar10-resnet18" / "resnet18_cifar10_64.pth"))
     assert info.num_classes == 10 and not info.is_random
+
+
+def test_imagenet_weights_come_from_the_hub_cache(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cache-hit path: hash prefix checked, 1000 ImageNet labels attached."""
+    import dataclasses
+
+    import resnet_deploy.model as model_module
+    from resnet_deploy.model import IMAGENET1K_V1, file_sha256
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / IMAGENET1K_V1.filename
+    cached.parent.mkdir(parents=True)
+    reference, _ = load_model("random", num_classes=1000, seed=5)
+    torch.save(reference.state_dict(), cached)
+    record = dataclasses.replace(IMAGENET1K_V1, sha256_prefix=file_sha256(cached)[:8])
+    monkeypatch.setattr(model_module, "IMAGENET1K_V1", record)
+    model, info = load_model("imagenet")
+    assert info.source == "imagenet" and not info.is_random
+    assert info.labels is not None and len(info.labels) == 1000 and info.labels[0] == "tench"
+    assert torch.equal(model.fc.weight, reference.fc.weight)
