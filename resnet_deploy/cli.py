@@ -292,8 +292,12 @@ def parity(models: tuple[Path, ...], weights: str | None, providers: str,
         random_banner(loaded)
         if spec is None:
             spec = build_spec(None, None, None, None, default_size=224)
-    inputs = make_inputs(spec, images=images or (None if random_count else DEFAULT_IMAGES),
-                         random_count=random_count, limit=limit)
+    if images is None and random_count is None:
+        if not DEFAULT_IMAGES.is_dir():
+            raise UserError(f"no --images given and ./{DEFAULT_IMAGES} does not exist here; "
+                            "pass --images DIR or --random N")
+        images = DEFAULT_IMAGES
+    inputs = make_inputs(spec, images=images, random_count=random_count, limit=limit)
     golden = load_golden(load_outputs, inputs) if load_outputs is not None else None
     options = ParityOptions(
         providers=split_providers(providers), reference=reference, batch_size=batch_size,

@@ -117,6 +117,7 @@ class _Evil:
         return (Path("/tmp/resnet_deploy_export_pwned").write_text, ("x",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 @pytest.mark.parametrize("case", ["missing", "empty", "corrupt", "not a checkpoint",
                                   "wrong keys", "malicious"])
 def test_bad_checkpoints_exit_2(tmp_path: Path, case: str) -> None:

@@ -115,6 +115,7 @@ class _Evil:
         return (Path("/tmp/resnet_deploy_pwned").write_text, ("executed",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_malicious_pickle_does_not_execute(tmp_path: Path) -> None:
     marker = Path("/tmp/resnet_deploy_pwned")
     marker.unlink(missing_ok=True)

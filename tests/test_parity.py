@@ -158,3 +158,10 @@ def test_int8_passes_int8_tolerances_and_fails_fp32_ones(cifar_onnx: Path,
     assert row["top1_agreement"] >= 0.97 and row["max_abs_diff"] > 1e-3
     fp32_rules = run(*args, "--rtol", "1e-4", "--min-top1", "1.0")
     assert fp32_rules.exit_code == 1 and "max abs diff" in fp32_rules.output
+
+
+def test_default_image_folder_missing_is_explained(random_onnx: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = run("parity", "--weights", "random", "--model", random_onnx)
+    assert result.exit_code == 2 and "--images DIR or --random N" in result.output
