@@ -116,13 +116,14 @@ class ImageFolderReader:
                   num_samples: int | None = DEFAULT_NUM_SAMPLES, seed: int = 0,
                   batch_size: int = DEFAULT_BATCH, strict: bool = False,
                   progress: bool = False, spec: PreprocessSpec | None = None,
-                  ) -> ImageFolderReader:
+                  proto: onnx.ModelProto | None = None) -> ImageFolderReader:
         """A reader preprocessing the way ``model``'s metadata says (``spec`` overrides).
 
         A folder with more than ``num_samples`` images gives a seeded random subset; the
-        rest are in :attr:`held_out` for checking the quantized model.
+        rest are in :attr:`held_out` for checking the quantized model. ``proto`` is the
+        already-loaded model, when the caller has it, so the file is not parsed twice.
         """
-        proto = load_onnx(model)
+        proto = proto if proto is not None else load_onnx(model)
         spec = resolve_spec(metadata_from_proto(proto), spec, model)
         input_name, fixed = model_input(proto)
         root = Path(folder)
@@ -135,11 +136,6 @@ class ImageFolderReader:
         return cls(chosen, spec, input_name, root=root, batch_size=fixed or batch_size,
                    fixed_batch=fixed is not None, strict=strict, progress=progress,
                    held_out=[p for p in everything if p not in chosen_set])
-
-    def rewind(self) -> None:
-        """Start over from the first image."""
-        self._next = 0
-        self.used, self.skipped = [], []
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         from tqdm import tqdm

@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import logging
 import sys
-from pathlib import Path
-from typing import Any
 from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from . import __version__
 from .errors import CheckFailed, UserError
+
+if TYPE_CHECKING:
+    from .parity import ModelFile
 
 DEFAULT_MODEL = Path("artifacts/resnet18.onnx")
 DEFAULT_IMAGES = Path("calibration")
@@ -275,8 +278,17 @@ def parity(models: tuple[Path, ...], weights: str | None, providers: str,
       resnet-deploy parity --model a.onnx --random 32 --load-outputs golden.npz
     """
     from .model import load_model
-    from .parity import (ParityOptions, ToleranceOverrides, check, load_outputs as load_golden,
-                         make_inputs, model_spec, run_parity, save_outputs as save_golden)
+    from .parity import (
+        ModelFile,
+        ParityOptions,
+        ToleranceOverrides,
+        check,
+        make_inputs,
+        model_spec,
+        run_parity,
+    )
+    from .parity import load_outputs as load_golden
+    from .parity import save_outputs as save_golden
 
     if images is not None and random_count is not None:
         raise UserError("give either --images or --random, not both")
@@ -285,10 +297,11 @@ def parity(models: tuple[Path, ...], weights: str | None, providers: str,
     override = build_spec(input_size, resize_size, mean, std)
     if not models and override is None and weights is None:
         raise UserError("nothing to compare: give --model (and/or --weights)")
-    spec = model_spec(list(models), override) if models else override
+    files = [ModelFile.read(path) for path in models]
+    spec = model_spec(files, override) if files else override
     weights_model = None
     if weights is not None:
-        weights_model, loaded = load_model(weights, **random_init_of(models, weights))
+        weights_model, loaded = load_model(weights, **random_init_of(files, weights))
         random_banner(loaded)
         if spec is None:
             spec = build_spec(None, None, None, None, default_size=224)
@@ -303,7 +316,7 @@ def parity(models: tuple[Path, ...], weights: str | None, providers: str,
         providers=split_providers(providers), reference=reference, batch_size=batch_size,
         tolerances=ToleranceOverrides(atol, rtol, min_cosine, min_top1),
         skip_unavailable=skip_unavailable)
-    report, reference_logits = run_parity(list(models), inputs=inputs,
+    report, reference_logits = run_parity(files, inputs=inputs,
                                           weights_model=weights_model, options=options,
                                           golden=golden)
     if save_outputs is not None:
@@ -314,13 +327,11 @@ def parity(models: tuple[Path, ...], weights: str | None, providers: str,
     check(report)
 
 
-def random_init_of(models: tuple[Path, ...], weights: str) -> dict[str, Any]:
+def random_init_of(models: list[ModelFile], weights: str) -> dict[str, Any]:
     """For ``--weights random``, rebuild the exact init the first model was exported from."""
-    from .preprocess import read_metadata
-
     if weights != "random" or not models:
         return {}
-    meta = read_metadata(models[0])
+    meta = models[0].meta
     if meta is None or not meta.weights.get("random"):
         return {}
     return {"num_classes": meta.weights["num_classes"], "seed": meta.weights.get("seed") or 0}

@@ -20,7 +20,7 @@ import numpy as np
 from .errors import CheckFailed, ProviderUnavailable, UserError
 from .files import atomic_output
 from .metrics import TOLERANCES, Comparison, Tolerance, compare
-from .preprocess import (PreprocessSpec, image_inputs, load_onnx,
+from .preprocess import (ModelMetadata, PreprocessSpec, image_inputs, load_onnx,
                          metadata_from_proto, random_inputs, resolve_spec)
 from .runtime import (OrtBackend, TorchBackend, model_precision, provider_name,
                       run_batched, short_provider, torch_devices)
@@ -124,15 +124,27 @@ def make_inputs(spec: PreprocessSpec, *, images: Path | None, random_count: int 
                   tuple(str(p.relative_to(images)) for p in used))
 
 
-def model_spec(models: Sequence[Path], override: PreprocessSpec | None) -> PreprocessSpec:
+@dataclass(frozen=True)
+class ModelFile:
+    """An ONNX model to check, read once: its path, export metadata and precision."""
+
+    path: Path
+    meta: ModelMetadata | None
+    precision: str
+
+    @classmethod
+    def read(cls, path: str | Path) -> ModelFile:
+        proto = load_onnx(path)
+        return cls(Path(path), metadata_from_proto(proto), model_precision(proto))
+
+
+def model_spec(models: Sequence[ModelFile], override: PreprocessSpec | None) -> PreprocessSpec:
     """The preprocessing all models share; differing specs would make parity meaningless."""
-    specs = {}
-    for path in models:
-        specs[path] = resolve_spec(metadata_from_proto(load_onnx(path)), override, path)
+    specs = {m.path: resolve_spec(m.meta, override, m.path) for m in models}
     first = next(iter(specs.values()))
     for path, spec in specs.items():
         if spec != first:
-            raise UserError(f"{path}: its preprocessing {spec} differs from {models[0]}'s; "
+            raise UserError(f"{path}: its preprocessing {spec} differs from {models[0].path}'s; "
                             "compare models exported with the same input size and normalisation")
     return first
 
@@ -185,7 +197,7 @@ def _judge(backend: str, model: str | None, provider: str, precision: str,
                          tuple(tolerance.failures(cmp)))
 
 
-def run_parity(models: Sequence[Path], *, inputs: Inputs, weights_model: Any | None = None,
+def run_parity(models: Sequence[ModelFile], *, inputs: Inputs, weights_model: Any | None = None,
                options: ParityOptions = ParityOptions(),
                golden: tuple[str, np.ndarray] | None = None) -> tuple[ParityReport, np.ndarray]:
     """Compare every backend with the reference; returns the report and reference logits.
@@ -198,7 +210,7 @@ def run_parity(models: Sequence[Path], *, inputs: Inputs, weights_model: Any | N
     if reference_name is None:
         if not models:
             raise UserError("nothing to compare: give --model and/or --weights")
-        reference_name = f"{models[0]}@cpu"
+        reference_name = f"{models[0].path}@cpu"
     ran: set[str] = set()
     if golden is not None:
         reference_name, reference = golden
@@ -223,8 +235,8 @@ def run_parity(models: Sequence[Path], *, inputs: Inputs, weights_model: Any | N
             outputs = TorchBackend(weights_model, device).infer(inputs.batch)
             report.results.append(_judge(f"torch@{device}", None, f"torch-{device}", "fp32",
                                          reference, outputs, options.tolerances))
-    for model in models:
-        precision = model_precision(load_onnx(model))
+    for model_file in models:
+        model, precision = model_file.path, model_file.precision
         for provider in providers:
             name = f"{model}@{provider}"
             if name in ran:

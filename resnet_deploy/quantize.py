@@ -492,7 +492,7 @@ def quantize(model: str | Path, calibration: str | Path, output: str | Path | No
         reader = ImageFolderReader.for_model(model, calibration, num_samples=options.num_samples,
                                              seed=options.seed, batch_size=options.batch_size,
                                              strict=options.strict, progress=options.progress,
-                                             spec=spec)
+                                             spec=spec, proto=proto)
         ranges = calibrate(pre, reader, settings, workdir)
         seconds["calibrate"] = time.perf_counter() - start
         from onnxruntime.quantization.calibrate import save_tensors_data
