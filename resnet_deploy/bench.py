@@ -15,24 +15,22 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import platform
 import resource
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from . import __version__
 from .errors import UserError
-from .preprocess import ModelMetadata, load_onnx, metadata_from_proto
-from .runtime import (PROVIDERS, SessionConfig, available_providers, create_session,
-                      model_precision, node_placement, provider_name, require_provider,
+from .machine import machine_info
+from .preprocess import ModelMetadata
+from .runtime import (PROVIDERS, ModelFile, SessionConfig, available_providers,
+                      create_session, node_placement, provider_name, require_provider,
                       short_provider)
 
 if TYPE_CHECKING:
@@ -139,45 +137,9 @@ def peak_rss_mb() -> float:
     return round(peak / (1024 * 1024 if platform.system() == "Darwin" else 1024), 1)
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _gpu_name() -> str | None:
-    import subprocess
-
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version",
-                              "--format=csv,noheader"], capture_output=True, text=True,
-                             timeout=10, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.splitlines()[0] if out else None
-
-
-def machine_info(provider: str) -> dict[str, Any]:
-    """What the figures depend on: CPU, core count, the ORT providers, package versions."""
-    import onnxruntime as ort
-
-    versions = {"resnet_deploy": __version__, "python": platform.python_version(),
-                "onnxruntime": ort.__version__, "numpy": np.__version__}
-    for dist in ("onnxruntime-gpu", "torch", "onnx"):
-        try:
-            versions[dist] = importlib_metadata.version(dist)
-        except importlib_metadata.PackageNotFoundError:
-            pass
-    info: dict[str, Any] = {"cpu": _cpu_name(), "cores": os.cpu_count(),
-                            "providers": available_providers(), "versions": versions,
-                            "platform": platform.platform()}
-    if provider != PROVIDERS["cpu"]:
-        info["gpu"] = _gpu_name()
-    return info
+def bench_machine() -> dict[str, Any]:
+    """:func:`machine.machine_info` plus the providers this onnxruntime build offers."""
+    return {**machine_info(), "providers": available_providers()}
 
 
 # --- runners: one timed call each --------------------------------------------------------
@@ -351,10 +313,9 @@ class _Sessions:
 
 
 def _onnx_target(path: Path, options: BenchOptions, sessions: _Sessions) -> Target:
-    proto = load_onnx(path)
-    meta = metadata_from_proto(proto)
-    precision = model_precision(proto)
-    del proto
+    file = ModelFile.read(path)
+    file.warn_if_wrong_cpu(sessions.provider)
+    meta, precision = file.meta, file.precision
     session, seconds = sessions.create(path, precision)
     size, static, dtype = _model_shape(path, meta, session)
     device = "cpu" if sessions.provider == PROVIDERS["cpu"] else "cuda"
@@ -549,7 +510,7 @@ def run_bench(models: Sequence[str | Path], options: BenchOptions = BenchOptions
                 io_binding=options.io_binding and target.label != TORCH_MODEL,
                 cuda_graph=options.cuda_graph and target.label != TORCH_MODEL))
         del runners
-    return BenchReport(machine=machine_info(provider), results=tuple(_with_ratios(results)),
+    return BenchReport(machine=bench_machine(), results=tuple(_with_ratios(results)),
                        options=options, notes=tuple(notes))
 
 

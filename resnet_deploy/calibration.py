@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +31,10 @@ DEFAULT_NUM_SAMPLES = 256
 # Calibration feeds batches: one ORT run per 32 images instead of per image. The batch size
 # is part of the calibration recipe, since moving-average MinMax averages per-batch extremes.
 DEFAULT_BATCH = 32
+# When calibration would use every photo in the folder, a seeded share is held back so the
+# INT8 model can be checked on photos calibration never saw: 20%, at least this many.
+HELD_OUT_SHARE = 0.2
+MIN_HELD_OUT = 8
 
 
 def list_hash(paths: Sequence[Path], root: Path) -> str:
@@ -116,12 +121,15 @@ class ImageFolderReader:
                   num_samples: int | None = DEFAULT_NUM_SAMPLES, seed: int = 0,
                   batch_size: int = DEFAULT_BATCH, strict: bool = False,
                   progress: bool = False, spec: PreprocessSpec | None = None,
-                  proto: onnx.ModelProto | None = None) -> ImageFolderReader:
+                  proto: onnx.ModelProto | None = None,
+                  hold_out: bool = False) -> ImageFolderReader:
         """A reader preprocessing the way ``model``'s metadata says (``spec`` overrides).
 
         A folder with more than ``num_samples`` images gives a seeded random subset; the
-        rest are in :attr:`held_out` for checking the quantized model. ``proto`` is the
-        already-loaded model, when the caller has it, so the file is not parsed twice.
+        rest are in :attr:`held_out` for checking the quantized model. With ``hold_out``,
+        a folder that calibration would use whole keeps back :data:`HELD_OUT_SHARE` of it
+        (at least :data:`MIN_HELD_OUT` images) instead. ``proto`` is the already-loaded
+        model, when the caller has it, so the file is not parsed twice.
         """
         proto = proto if proto is not None else load_onnx(model)
         spec = resolve_spec(metadata_from_proto(proto), spec, model)
@@ -132,6 +140,15 @@ class ImageFolderReader:
             raise UserError(f"{root}: no images (.jpg/.jpeg/.png/.bmp/.webp/.tif/.tiff) in this "
                             "folder or below it; point --calibration at a folder of photos")
         chosen = seeded_subset(everything, num_samples, seed)
+        if hold_out and len(chosen) == len(everything):
+            held = max(MIN_HELD_OUT, math.ceil(HELD_OUT_SHARE * len(everything)))
+            if held >= len(everything):
+                raise UserError(
+                    f"{root}: {len(everything)} images are too few both to calibrate and to "
+                    f"check the INT8 model on {MIN_HELD_OUT} held-out ones; add photos (at "
+                    f"least {MIN_HELD_OUT + 1}), pass --eval-images DIR, or skip the check "
+                    "with --no-check")
+            chosen = seeded_subset(everything, len(everything) - held, seed)
         chosen_set = set(chosen)
         return cls(chosen, spec, input_name, root=root, batch_size=fixed or batch_size,
                    fixed_batch=fixed is not None, strict=strict, progress=progress,

@@ -17,9 +17,8 @@ import numpy as np
 
 from .calibration import hits, labelled_images, warn_skipped
 from .errors import UserError
-from .preprocess import (PreprocessSpec, load_batch, load_onnx, metadata_from_proto,
-                         resolve_spec)
-from .runtime import OrtBackend, model_precision
+from .preprocess import PreprocessSpec, load_batch, resolve_spec
+from .runtime import ModelFile, OrtBackend
 
 log = logging.getLogger(__name__)
 
@@ -88,15 +87,13 @@ def evaluate(models: Sequence[str | Path], images: str | Path, *,
     folder = labelled_images(images).subset(options.limit, options.seed)
     entries = []
     for model in models:
-        path = Path(model)
-        proto = load_onnx(path)
-        meta = metadata_from_proto(proto)
-        labels = meta.labels if meta else None
+        file = ModelFile.read(model)
+        file.warn_if_wrong_cpu(options.provider)
+        labels = file.meta.labels if file.meta else None
         indices, mapping = folder.class_indices(labels)
         targets = {p: indices[c] for p, c in zip(folder.paths, folder.class_ids)}
-        entries.append(_Entry(path, resolve_spec(meta, options.spec, path), labels,
-                              model_precision(proto), targets, mapping))
-        del proto
+        entries.append(_Entry(file.path, resolve_spec(file.meta, options.spec, file.path),
+                              labels, file.precision, targets, mapping))
     for entry in entries:
         entry.backend = OrtBackend(entry.path, options.provider)
     specs = list(dict.fromkeys(e.spec for e in entries))

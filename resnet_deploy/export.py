@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import platform
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -19,9 +18,9 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from . import __version__
 from .errors import CheckFailed, UserError
 from .files import atomic_output
+from .machine import package_versions
 from .metrics import TOLERANCES, compare
 from .model import LoadedWeights
 from .preprocess import (ModelMetadata, PreprocessSpec, image_inputs, list_images,
@@ -66,20 +65,6 @@ class ExportResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def package_versions() -> dict[str, str]:
-    import onnx
-    import onnxruntime
-    import torch
-
-    versions = {"resnet_deploy": __version__, "python": platform.python_version(),
-                "torch": torch.__version__, "onnx": onnx.__version__,
-                "onnxruntime": onnxruntime.__version__}
-    for name in ("onnxsim", "onnxslim"):
-        with contextlib.suppress(Exception):
-            versions[name] = __import__(name).__version__
-    return versions
 
 
 @contextlib.contextmanager

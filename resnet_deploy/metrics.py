@@ -24,7 +24,9 @@ class Comparison:
     """How far ``candidate`` logits are from ``reference`` logits, over ``n`` inputs.
 
     ``top5_agreement`` is the fraction of inputs whose five best classes are the same set.
-    ``min_atol`` is the smallest absolute tolerance that the observed error would pass.
+    ``cosine_p1`` is the 1st percentile of the per-input cosine: unlike the minimum, it does
+    not keep falling as more inputs are compared, so an INT8 verdict does not depend on how
+    many photos were checked.
     """
 
     n: int
@@ -33,6 +35,7 @@ class Comparison:
     p99_abs_diff: float
     max_rel_diff: float
     cosine_min: float
+    cosine_p1: float
     cosine_mean: float
     top1_agreement: float
     top5_agreement: float
@@ -41,7 +44,13 @@ class Comparison:
 
     @property
     def min_atol(self) -> float:
+        """The smallest absolute tolerance the observed error passes."""
         return self.max_abs_diff
+
+    @property
+    def min_rtol(self) -> float:
+        """The smallest tolerance relative to max |reference logit| that it passes."""
+        return self.max_abs_diff / self.reference_max_abs if self.reference_max_abs else math.inf
 
     def to_dict(self) -> dict[str, Any]:
         data = {k: (round_sig(v) if isinstance(v, float) else v)
@@ -76,6 +85,7 @@ def compare(reference: np.ndarray, candidate: np.ndarray) -> Comparison:
         p99_abs_diff=float(np.percentile(diff, 99)),
         max_rel_diff=float(rel.max()),
         cosine_min=float(cos.min()),
+        cosine_p1=float(np.percentile(cos, 1)),
         cosine_mean=float(cos.mean()),
         top1_agreement=float((ref.argmax(1) == cand.argmax(1)).mean()),
         top5_agreement=float(np.mean(top5)),
@@ -92,6 +102,7 @@ class Tolerance:
     atol: float = 0.0
     rtol: float | None = None
     min_cosine: float | None = None
+    min_cosine_p1: float | None = None
     min_top1: float | None = None
 
     def allowed_abs(self, cmp: Comparison) -> float | None:
@@ -108,7 +119,9 @@ class Tolerance:
         if allowed is not None and cmp.max_abs_diff > allowed:
             out.append(f"max abs diff {cmp.max_abs_diff:.3g} > {allowed:.3g}")
         if self.min_cosine is not None and cmp.cosine_min < self.min_cosine:
-            out.append(f"cosine {cmp.cosine_min:.6f} < {self.min_cosine}")
+            out.append(f"worst cosine {cmp.cosine_min:.6f} < {self.min_cosine}")
+        if self.min_cosine_p1 is not None and cmp.cosine_p1 < self.min_cosine_p1:
+            out.append(f"1st-percentile cosine {cmp.cosine_p1:.4f} < {self.min_cosine_p1}")
         if self.min_top1 is not None and cmp.top1_agreement < self.min_top1:
             out.append(f"top-1 agreement {cmp.top1_agreement:.2%} < {self.min_top1:.2%}")
         return out
@@ -119,19 +132,80 @@ class Tolerance:
             parts.append(f"abs diff <= {self.atol:g} + {self.rtol or 0:g}*max|ref|")
         if self.min_cosine is not None:
             parts.append(f"cosine >= {self.min_cosine:g}")
+        if self.min_cosine_p1 is not None:
+            parts.append(f"cosine p1 >= {self.min_cosine_p1:g}")
         if self.min_top1 is not None:
             parts.append(f"top-1 >= {self.min_top1:.0%}")
         return ", ".join(parts) or "none"
 
     def override(self, *, atol: float | None = None, rtol: float | None = None,
                   min_cosine: float | None = None, min_top1: float | None = None) -> Tolerance:
-        changes = {k: v for k, v in dict(atol=atol, rtol=rtol, min_cosine=min_cosine,
-                                          min_top1=min_top1).items() if v is not None}
+        """Replace the given rules; ``min_cosine`` replaces whichever cosine rule is in force
+        (the 1st percentile for INT8, the worst input otherwise)."""
+        changes: dict[str, float] = {k: v for k, v in dict(atol=atol, rtol=rtol,
+                                                            min_top1=min_top1).items()
+                                     if v is not None}
+        if min_cosine is not None:
+            changes["min_cosine_p1" if self.min_cosine_p1 is not None else "min_cosine"] = \
+                min_cosine
         return dataclasses.replace(self, **changes)
 
 
+@dataclass(frozen=True)
+class CheckResult:
+    """A comparison judged against a tolerance: the figures, the rules, the verdict, the
+    reasons it failed, and the loosest settings it would have needed to pass.
+
+    Its truth value is the verdict, so ``if not result:`` reads as "the check failed".
+    """
+
+    subject: str
+    comparison: Comparison
+    tolerance: Tolerance
+    failures: tuple[str, ...]
+
+    @classmethod
+    def judge(cls, subject: str, reference: np.ndarray, candidate: np.ndarray,
+              tolerance: Tolerance) -> CheckResult:
+        cmp = compare(reference, candidate)
+        return cls(subject, cmp, tolerance, tuple(tolerance.failures(cmp)))
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    @property
+    def reason(self) -> str:
+        return "; ".join(self.failures)
+
+    def would_pass(self) -> dict[str, float]:
+        """The tightest settings of each rule that these figures still meet."""
+        cmp = self.comparison
+        return {"atol": round_sig(cmp.min_atol), "rtol": round_sig(cmp.min_rtol),
+                "min_cosine": round_sig(cmp.cosine_min),
+                "min_cosine_p1": round_sig(cmp.cosine_p1),
+                "min_top1": round_sig(cmp.top1_agreement)}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"subject": self.subject, **self.comparison.to_dict(),
+                "tolerance": self.tolerance.describe(), "passed": self.passed,
+                "failures": list(self.failures), "would_pass": self.would_pass()}
+
+
+# INT8 is judged on figures that do not drift with the number of images: top-1 agreement
+# and the 1st percentile of the per-image cosine (the minimum keeps falling as photos are
+# added: 0.993 on 744 photos, 0.990 on 5,000 for the same good model). Chosen on the CIFAR-10
+# ResNet-18, 5,000 dev photos (agreement / cosine p1):
+#   7-bit recipes (quantize's cpu target)          99.26-99.56% / 0.9978-0.9980  pass
+#   8-bit weights on AVX2 (int16 saturation)       95.6%        / 0.836          fail
+#   --method entropy (clips the post-ReLU tails)   91.98%       / 0.764          fail
+# Either rule alone fails both bad models; 0.97 leaves room for 1000-class models, whose
+# near-tied logits flip top-1 more often.
 TOLERANCES: dict[str, Tolerance] = {
     "fp32": Tolerance(rtol=1e-4, min_top1=1.0),
     "fp16": Tolerance(min_cosine=0.999, min_top1=0.99),
-    "int8": Tolerance(min_cosine=0.99, min_top1=0.97),
+    "int8": Tolerance(min_cosine_p1=0.97, min_top1=0.97),
 }

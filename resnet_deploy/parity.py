@@ -20,9 +20,8 @@ import numpy as np
 from .errors import CheckFailed, ProviderUnavailable, UserError
 from .files import atomic_output
 from .metrics import TOLERANCES, Comparison, Tolerance, compare
-from .preprocess import (ModelMetadata, PreprocessSpec, image_inputs, load_onnx,
-                         metadata_from_proto, random_inputs, resolve_spec)
-from .runtime import (OrtBackend, TorchBackend, model_precision, provider_name,
+from .preprocess import PreprocessSpec, image_inputs, random_inputs, resolve_spec
+from .runtime import (ModelFile, OrtBackend, TorchBackend, provider_name,
                       run_batched, short_provider, torch_devices)
 
 log = logging.getLogger(__name__)
@@ -122,20 +121,6 @@ def make_inputs(spec: PreprocessSpec, *, images: Path | None, random_count: int 
     batch, used = image_inputs(images, spec, limit, seed)
     return Inputs(batch, f"{len(used)} images from {images}",
                   tuple(str(p.relative_to(images)) for p in used))
-
-
-@dataclass(frozen=True)
-class ModelFile:
-    """An ONNX model to check, read once: its path, export metadata and precision."""
-
-    path: Path
-    meta: ModelMetadata | None
-    precision: str
-
-    @classmethod
-    def read(cls, path: str | Path) -> ModelFile:
-        proto = load_onnx(path)
-        return cls(Path(path), metadata_from_proto(proto), model_precision(proto))
 
 
 def model_spec(models: Sequence[ModelFile], override: PreprocessSpec | None) -> PreprocessSpec:
@@ -241,6 +226,7 @@ def run_parity(models: Sequence[ModelFile], *, inputs: Inputs, weights_model: An
             name = f"{model}@{provider}"
             if name in ran:
                 continue
+            model_file.warn_if_wrong_cpu(provider)
             try:
                 backend = OrtBackend(model, provider)
             except ProviderUnavailable as exc:

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import ProviderUnavailable, UserError
+from .machine import cpu_info, saturates
+from .preprocess import ModelMetadata, load_onnx, metadata_from_proto
 
 if TYPE_CHECKING:
     import onnx
@@ -80,6 +82,10 @@ class SessionConfig:
     trt_fp16: bool = False
     trt_int8: bool = False
     trt_cache_dir: str | None = None  # None: DEFAULT_TRT_CACHE
+    # Run a QDQ model unfused: DequantizeLinear -> float op -> QuantizeLinear computes the
+    # quantized model's arithmetic without the CPU's int8 kernels, so a CPU whose kernels
+    # saturate (AVX2, AVX-512 without VNNI) can still measure what VNNI, AMX or TensorRT get.
+    simulate_int8: bool = False
 
 
 def _provider_chain(full: str, cfg: SessionConfig) -> list[Any]:
@@ -110,6 +116,8 @@ def create_session(model: str | Path, provider: str = "cpu",
     if config.threads:
         opts.intra_op_num_threads = config.threads
         opts.inter_op_num_threads = 1
+    if config.simulate_int8:
+        opts.add_session_config_entry("session.disable_quant_qdq", "1")
     if config.profile:
         opts.enable_profiling = True
         opts.profile_file_prefix = str(Path(os.environ.get("TMPDIR", "/tmp")) / "rd_profile")
@@ -156,6 +164,64 @@ def model_precision(model: onnx.ModelProto) -> str:
     if types and types.most_common(1)[0][0] == onnx.TensorProto.FLOAT16:
         return "fp16"
     return "fp32"
+
+
+# uint8 activations (<= 255) times int8 weights, summed in pairs: 2 * 255 * 64 = 32640 fits
+# int16 (<= 32767), 2 * 255 * 127 does not. Weights within +-64 cannot saturate on any CPU.
+SATURATION_FREE_MAX = 64
+
+
+def int8_weight_peak(model: onnx.ModelProto) -> int | None:
+    """The largest |q| over the model's int8 weight tensors; None when it has none.
+
+    Above :data:`SATURATION_FREE_MAX` the model needs VNNI/AMX to run at full accuracy.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    peaks = [int(np.abs(numpy_helper.to_array(init).astype(np.int16)).max(initial=0))
+             for init in model.graph.initializer
+             if init.data_type == onnx.TensorProto.INT8 and len(init.dims) >= 2]
+    return max(peaks) if peaks else None
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    """An ONNX model, read once: its path, export metadata, precision and int8 weight peak."""
+
+    path: Path
+    meta: ModelMetadata | None
+    precision: str
+    int8_peak: int | None = None
+
+    @classmethod
+    def read(cls, path: str | Path) -> ModelFile:
+        proto = load_onnx(path)
+        return cls(Path(path), metadata_from_proto(proto), model_precision(proto),
+                   int8_weight_peak(proto))
+
+    @property
+    def target(self) -> str | None:
+        """The quantize target recorded in the metadata (None for FP32 or foreign models)."""
+        quantization = self.meta.quantization if self.meta else None
+        return quantization.get("target") if quantization else None
+
+    def cpu_warning(self, provider: str) -> str | None:
+        """A one-line warning when this CPU would saturate this model's 8-bit weights."""
+        if provider not in ("cpu", PROVIDERS["cpu"]) or (self.int8_peak or 0) <= SATURATION_FREE_MAX:
+            return None
+        cpu = cpu_info()
+        if not saturates(cpu["int8_path"]):
+            return None
+        target = f"target {self.target}" if self.target else "8-bit weights"
+        return (f"{self.path}: {target} needs VNNI or AMX, but this CPU ({cpu['cpu']}, int8 "
+                f"path {cpu['int8_path']}) sums in int16 and saturates: its figures here are "
+                "worse than on the target; re-quantize with --target cpu to run on this CPU")
+
+    def warn_if_wrong_cpu(self, provider: str) -> None:
+        warning = self.cpu_warning(provider)
+        if warning:
+            log.warning(warning)
 
 
 class Backend(ABC):

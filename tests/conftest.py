@@ -89,3 +89,16 @@ def image_folder(tmp_path: Path) -> Path:
         cls.mkdir(parents=True, exist_ok=True)
         shutil.copy(photo, cls / photo.name)
     return root
+
+
+def assert_names_machine(data: dict, output: str) -> None:
+    """Every command's JSON carries the machine, and its printed tables name the CPU."""
+    from resnet_deploy.machine import cpu_info
+
+    cpu = cpu_info()
+    machine = data["machine"]
+    assert machine["cpu"] == cpu["cpu"] and machine["int8_path"] == cpu["int8_path"]
+    assert set(machine["flags"]) <= {"avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni",
+                                     "amx_tile", "amx_int8", "f16c", "fma"}
+    assert "onnxruntime" in machine["versions"]
+    assert f"int8 path {cpu['int8_path']}" in output and cpu["cpu"] in output

@@ -20,6 +20,8 @@ from resnet_deploy.cli import main
 from resnet_deploy.errors import ProviderUnavailable, UserError
 from resnet_deploy.preprocess import ModelMetadata, PreprocessSpec
 
+from .conftest import assert_names_machine
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULT_KEYS = {"model", "provider", "batch_size", "p50_ms", "p90_ms", "p99_ms", "mean_ms",
                "min_ms", "throughput_ips", "session_s", "peak_rss_mb", "placement"}
@@ -166,6 +168,8 @@ def test_cli_writes_table_json_markdown_and_plot(random_onnx: Path, tmp_path: Pa
     assert result.exit_code == 0, result.output
     assert "p50 ms" in result.output and "cpu:" in result.output
     data = json.loads(out["json"].read_text())
+    assert_names_machine(data, result.output)
+    assert "CPUExecutionProvider" in data["machine"]["providers"]
     assert [r["batch_size"] for r in data["results"]] == [1, 2]
     assert data["results"][0]["model"] == str(random_onnx)
     assert out["md"].read_text().count("\n| ") >= 3

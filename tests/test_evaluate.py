@@ -15,7 +15,7 @@ from resnet_deploy.evaluate import EvaluateOptions, evaluate
 from resnet_deploy.preprocess import list_images, load_batch, read_metadata
 from resnet_deploy.runtime import OrtBackend
 
-from .conftest import CALIBRATION, CIFAR_DEV
+from .conftest import CALIBRATION, CIFAR_DEV, assert_names_machine
 
 
 def _invoke(*args: object) -> object:
@@ -37,6 +37,7 @@ def test_cli_side_by_side_json_matches_a_manual_count(random_onnx: Path, image_f
     assert result.exit_code == 0, result.output
     assert "top-1" in result.output and "copy.onnx" in result.output
     data = json.loads(report.read_text())
+    assert_names_machine(data, result.output)
     rows = data["models"]
     assert [r["model"] for r in rows] == [str(random_onnx), str(copy)]
     assert all(r.keys() >= {"model", "provider", "n", "top1", "top5"} for r in rows)

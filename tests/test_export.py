@@ -16,7 +16,7 @@ from resnet_deploy.cli import main
 from resnet_deploy.preprocess import read_metadata
 from resnet_deploy.runtime import OrtBackend
 
-from .conftest import CIFAR_CKPT, CIFAR_DEV
+from .conftest import CIFAR_CKPT, CIFAR_DEV, assert_names_machine
 
 
 def run(*args: str) -> "click.testing.Result":  # noqa: F821
@@ -34,6 +34,7 @@ def test_export_both_exporters(tmp_path: Path, exporter: str) -> None:
                  "--exporter", exporter, "-o", out, "--json", report)
     assert result.exit_code == 0, result.output
     data = json.loads(report.read_text())
+    assert_names_machine(data, result.output)
     assert data["output"] == str(out) and data["nodes_after"] <= data["nodes_before"]
     assert data["parity"]["top1_agreement"] == 1.0 and data["parity"]["batch_sizes"] == [1, 8]
     assert data["parity"]["max_abs_diff"] < 1e-4

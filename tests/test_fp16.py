@@ -17,7 +17,7 @@ from resnet_deploy.metrics import compare
 from resnet_deploy.preprocess import image_inputs, load_onnx, read_metadata
 from resnet_deploy.runtime import OrtBackend, model_precision
 
-from .conftest import CALIBRATION
+from .conftest import CALIBRATION, assert_names_machine
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +95,7 @@ def test_cli_writes_default_output_and_json(random_onnx: Path, tmp_path: Path) -
     assert (tmp_path / "m.fp16.onnx").is_file()
     assert "PASS" in result.output and "float32 inputs/outputs" in result.output
     data = json.loads(report.read_text())
+    assert_names_machine(data, result.output)
     assert data["check"]["passed"] and data["check"]["cosine_min"] > 0.999
     assert data["output"] == str(tmp_path / "m.fp16.onnx")
 

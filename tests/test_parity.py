@@ -12,10 +12,11 @@ from click.testing import CliRunner, Result
 from onnx import numpy_helper
 
 from resnet_deploy.cli import main
+from resnet_deploy.machine import cpu_info
 from resnet_deploy.metrics import TOLERANCES, compare
 from resnet_deploy.runtime import model_precision
 
-from .conftest import CIFAR_CALIB, CIFAR_DEV
+from .conftest import CIFAR_CALIB, CIFAR_DEV, assert_names_machine
 
 
 def run(*args: object) -> Result:
@@ -40,6 +41,7 @@ def test_torch_reference_passes(random_onnx: Path, tmp_path: Path) -> None:
     result = run("parity", "--weights", "random", "--model", random_onnx, "--json", report)
     assert result.exit_code == 0, result.output
     data = json.loads(report.read_text())
+    assert_names_machine(data, result.output)
     assert data["reference"] == "torch" and data["passed"] is True
     assert data["inputs"]["count"] == 17  # every shipped calibration photo
     (row,) = data["results"]
@@ -153,9 +155,12 @@ def test_int8_passes_int8_tolerances_and_fails_fp32_ones(cifar_onnx: Path,
             "--limit", "300", "--batch-size", "50")
     result = run(*args, "--json", report)
     assert result.exit_code == 0, result.output
-    (row,) = json.loads(report.read_text())["results"]
-    assert row["precision"] == "int8" and row["cosine_min"] >= 0.99
-    assert row["top1_agreement"] >= 0.97 and row["max_abs_diff"] > 1e-3
+    data = json.loads(report.read_text())
+    assert data["machine"]["int8_path"] == cpu_info()["int8_path"]
+    (row,) = data["results"]
+    assert row["precision"] == "int8" and row["tolerance"] == TOLERANCES["int8"].describe()
+    assert row["cosine_p1"] >= 0.97 and row["top1_agreement"] >= 0.97
+    assert row["max_abs_diff"] > 1e-3
     fp32_rules = run(*args, "--rtol", "1e-4", "--min-top1", "1.0")
     assert fp32_rules.exit_code == 1 and "max abs diff" in fp32_rules.output
 
