@@ -208,7 +208,9 @@ class ModelFile:
 
     def cpu_warning(self, provider: str) -> str | None:
         """A one-line warning when this CPU would saturate this model's 8-bit weights."""
-        if provider not in ("cpu", PROVIDERS["cpu"]) or (self.int8_peak or 0) <= SATURATION_FREE_MAX:
+        if provider not in ("cpu", PROVIDERS["cpu"]):
+            return None
+        if (self.int8_peak or 0) <= SATURATION_FREE_MAX:
             return None
         cpu = cpu_info()
         if not saturates(cpu["int8_path"]):

@@ -30,10 +30,11 @@ def test_main_help_lists_the_commands() -> None:
         assert name in result.output
 
 
-def _imports(path: Path) -> set[str]:
+def _imports(path: Path, level: int) -> set[str]:
+    """The package modules ``path`` imports (``level`` dots reach the package root)."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.level == 1:
+        if isinstance(node, ast.ImportFrom) and node.level == level:
             found.add((node.module or "").split(".")[0])
     return found - {""}
 
@@ -43,5 +44,14 @@ def _imports(path: Path) -> set[str]:
 def test_imports_flow_one_way(module: str) -> None:
     assert module in FLOW, f"add {module} to FLOW in {__file__}"
     allowed = set(FLOW[:FLOW.index(module)])
-    upward = _imports(PACKAGE / f"{module}.py") - allowed
+    upward = _imports(PACKAGE / f"{module}.py", 1) - allowed
     assert not upward, f"{module} imports {upward}, which come later in the flow"
+
+
+@pytest.mark.parametrize("path", sorted(PACKAGE.glob("cli/*.py")), ids=lambda p: p.stem)
+def test_cli_modules_stay_thin(path: Path) -> None:
+    """The CLI may import any library module; no library module may import the CLI."""
+    assert len(path.read_text().splitlines()) <= 350, f"{path.name} is over 350 lines"
+    assert "cli" not in _imports(path, 2)
+    for module in PACKAGE.glob("*.py"):
+        assert "cli" not in _imports(module, 1), f"{module.name} imports the CLI"

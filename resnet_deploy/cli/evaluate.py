@@ -1,0 +1,62 @@
+"""``resnet-deploy evaluate``: top-1/top-5 on a labelled folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .app import main
+from .options import (
+    build_spec,
+    describe_machine,
+    emit,
+    json_option,
+    preprocess_options,
+    progress_enabled,
+    write_json_if,
+)
+
+
+@main.command()
+@click.option("--model", "models", multiple=True, required=True,
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="An ONNX model (repeat to compare models side by side).")
+@click.option("--images", type=click.Path(path_type=Path), required=True,
+              help="An ImageFolder: one subfolder of images per class.")
+@click.option("--provider", default="cpu", show_default=True,
+              help="cpu, cuda or tensorrt (a missing provider is an error).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--limit", type=click.IntRange(min=1), default=None,
+              help="Evaluate a seeded random subset of this many images.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@preprocess_options()
+@json_option
+def evaluate(models: tuple[Path, ...], images: Path, provider: str, batch_size: int,
+             limit: int | None, seed: int, input_size: int | None, resize_size: int | None,
+             mean: Any, std: Any, json_path: Path | None) -> None:
+    """Top-1/top-5 accuracy of one or more models on a labelled ImageFolder.
+
+    Class index = sorted folder name, unless every folder name is one of the model's
+    labels, in which case folders map by name.
+
+    \b
+    Examples:
+      resnet-deploy evaluate --model artifacts/resnet18.onnx --images val/
+      resnet-deploy evaluate --model m.onnx --model m.int8.onnx --images dev/ --json acc.json
+    """
+    from ..evaluate import EvaluateOptions
+    from ..evaluate import evaluate as run_evaluate
+    from ..report import format_table
+
+    options = EvaluateOptions(provider=provider, batch_size=batch_size, limit=limit, seed=seed,
+                              progress=progress_enabled(),
+                              spec=build_spec(input_size, resize_size, mean, std))
+    result = run_evaluate(models, images, options=options)
+    emit(f"machine: {describe_machine()}")
+    emit(f"{result.images}: {result.models[0].n} images, {result.classes} classes")
+    emit(format_table([m.to_dict() for m in result.models], [
+        ("model", "model"), ("precision", "prec"), ("provider", "provider"), ("n", "images"),
+        ("top1", "top-1"), ("top5", "top-5"), ("label_mapping", "classes by")]))
+    write_json_if(json_path, result.to_dict())
