@@ -10,20 +10,18 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from collections.abc import Sequence
 
 import numpy as np
 
 from .errors import UserError
 from .metrics import top_k
-from .preprocess import (IMAGE_SUFFIXES, PreprocessSpec, list_images, load_batch, load_onnx,
-                         metadata_from_proto, resolve_spec, seeded_subset)
-
-if TYPE_CHECKING:
-    import onnx
+from .preprocess import IMAGE_SUFFIXES, PreprocessSpec, list_images, load_batch, seeded_subset
+from .runtime import ModelFile, fill_batch
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +39,9 @@ def list_hash(paths: Sequence[Path], root: Path) -> str:
     """sha256 of the sorted file list (relative to ``root``): names which photos calibrated."""
     names = sorted(p.relative_to(root).as_posix() if p.is_relative_to(root) else str(p)
                    for p in paths)
-    return hashlib.sha256("\n".join(names).encode("utf-8")).hexdigest()
+    # File names are bytes: fsencode gives back the undecodable ones (surrogate escapes)
+    # where encode("utf-8") would fail, and the same bytes as UTF-8 for all others.
+    return hashlib.sha256(b"\n".join(map(os.fsencode, names))).hexdigest()
 
 
 def warn_skipped(skipped: Sequence[Path], total: int, what: str) -> None:
@@ -74,17 +74,6 @@ def read_images(paths: Sequence[Path], spec: PreprocessSpec, *, strict: bool = F
     if not used:
         raise UserError(f"none of the {len(paths)} {what} could be read as an image")
     return np.concatenate(arrays), used
-
-
-def model_input(model: onnx.ModelProto) -> tuple[str, int | None]:
-    """The graph input's name and its fixed batch size (None when the batch is dynamic)."""
-    initializers = {init.name for init in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in initializers]
-    if len(inputs) != 1:
-        raise UserError(f"the model has {len(inputs)} inputs; expected one image input")
-    dims = inputs[0].type.tensor_type.shape.dim
-    fixed = dims[0].dim_value if dims and dims[0].HasField("dim_value") else None
-    return inputs[0].name, fixed or None
 
 
 class ImageFolderReader:
@@ -121,19 +110,19 @@ class ImageFolderReader:
                   num_samples: int | None = DEFAULT_NUM_SAMPLES, seed: int = 0,
                   batch_size: int = DEFAULT_BATCH, strict: bool = False,
                   progress: bool = False, spec: PreprocessSpec | None = None,
-                  proto: onnx.ModelProto | None = None,
+                  file: ModelFile | None = None,
                   hold_out: bool = False) -> ImageFolderReader:
         """A reader preprocessing the way ``model``'s metadata says (``spec`` overrides).
 
         A folder with more than ``num_samples`` images gives a seeded random subset; the
         rest are in :attr:`held_out` for checking the quantized model. With ``hold_out``,
         a folder that calibration would use whole keeps back :data:`HELD_OUT_SHARE` of it
-        (at least :data:`MIN_HELD_OUT` images) instead. ``proto`` is the already-loaded
+        (at least :data:`MIN_HELD_OUT` images) instead. ``file`` is the already-opened
         model, when the caller has it, so the file is not parsed twice.
         """
-        proto = proto if proto is not None else load_onnx(model)
-        spec = resolve_spec(metadata_from_proto(proto), spec, model)
-        input_name, fixed = model_input(proto)
+        file = file if file is not None else ModelFile.read(model)
+        spec = file.spec(spec)
+        input_name, fixed = file.io.input_name, file.io.batch
         root = Path(folder)
         everything = list_images(root)
         if not everything:
@@ -169,9 +158,8 @@ class ImageFolderReader:
             self._bar.update(len(chunk))
             if not ok:
                 continue
-            if self.fixed_batch and len(batch) < self.batch_size:
-                # A static-batch model cannot take a short batch: repeat images to fill it.
-                batch = np.resize(batch, (self.batch_size, *batch.shape[1:]))
+            if self.fixed_batch:
+                batch = fill_batch(batch, self.batch_size)
             return {self.input_name: batch}
         self._finish()
         return None
@@ -219,23 +207,39 @@ class LabelledImages:
         return LabelledImages(self.root, self.classes, tuple(self.paths[i] for i in chosen),
                               tuple(self.class_ids[i] for i in chosen))
 
-    def class_indices(self, labels: Sequence[str] | None) -> tuple[list[int], str]:
+    def class_indices(self, labels: Sequence[str] | None,
+                      classes: int | None = None) -> tuple[list[int], str]:
         """Each folder's model output index, and how it was found.
 
         ``labels`` when every folder name is one of the model's labels (so a folder subset
         or another order still maps right), else ``sorted``: torchvision's rule, index =
-        position of the folder name in sorted order.
+        position of the folder name in sorted order, which is only right when there is one
+        folder per class (``classes``: the model's outputs). Anything else would score
+        photos against the wrong classes, so it is a UserError naming the folder.
         """
-        if labels and set(self.classes) <= set(labels):
-            position = {name: i for i, name in enumerate(labels)}
+        position = {name: i for i, name in enumerate(labels or ())}
+        strangers = [name for name in self.classes if name not in position]
+        if not strangers:
             return [position[name] for name in self.classes], "labels"
+        if len(strangers) < len(self.classes):
+            known = next(name for name in self.classes if name in position)
+            raise UserError(f"{self.root / strangers[0]}: this class folder is not one of the "
+                            f"model's labels, while others (e.g. {known!r}) are; rename it "
+                            "to the label of the class it holds")
+        count = classes if classes is not None else len(labels) if labels else None
+        if count is not None and len(self.classes) != count:
+            why = ("their names are not its labels" if labels else
+                   "it has no labels to map them by")
+            raise UserError(f"{self.root}: {len(self.classes)} class folders for a model with "
+                            f"{count} classes, and {why}; give one folder per class, or name "
+                            "the folders after the model's labels (export it with --labels)")
         return list(range(len(self.classes))), "sorted"
 
-    def targets(self, paths: Sequence[Path],
-                labels: Sequence[str] | None = None) -> tuple[np.ndarray, str]:
+    def targets(self, paths: Sequence[Path], labels: Sequence[str] | None = None,
+                classes: int | None = None) -> tuple[np.ndarray, str]:
         """The model's class index for each of ``paths`` (a subset of :attr:`paths`)."""
-        indices, mapping = self.class_indices(labels)
-        class_of = dict(zip(self.paths, self.class_ids))
+        indices, mapping = self.class_indices(labels, classes)
+        class_of = dict(zip(self.paths, self.class_ids, strict=True))
         return np.asarray([indices[class_of[p]] for p in paths], dtype=np.int64), mapping
 
     def to_dict(self) -> dict[str, Any]:

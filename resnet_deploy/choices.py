@@ -15,3 +15,9 @@ Target = Literal["cpu", "cpu-vnni", "tensorrt"]
 METHODS: tuple[Method, ...] = get_args(Method)
 QUANT_TYPES: tuple[QuantType, ...] = get_args(QuantType)
 TARGETS: tuple[Target, ...] = get_args(Target)
+
+# The ONNX opsets each PyTorch exporter writes ResNet-18 at, checked on torch 2.13 (its
+# torch.onnx._constants: ONNX_MAX_OPSET 23, ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET 20) and
+# onnxruntime 1.32, which runs them all. Dynamo implements opset 18 and up; asked for
+# less, it writes 18 after its down-conversion fails on the model's ReduceMean.
+OPSETS: dict[str, tuple[int, int]] = {"dynamo": (18, 23), "torchscript": (13, 20)}

@@ -17,7 +17,7 @@ import numpy as np
 
 from .calibration import hits, labelled_images, warn_skipped
 from .errors import UserError
-from .preprocess import PreprocessSpec, load_batch, resolve_spec
+from .preprocess import PreprocessSpec, load_batch
 from .runtime import ModelFile, OrtBackend
 
 log = logging.getLogger(__name__)
@@ -89,11 +89,11 @@ def evaluate(models: Sequence[str | Path], images: str | Path, *,
     for model in models:
         file = ModelFile.read(model)
         file.warn_if_wrong_cpu(options.provider)
+        spec = file.spec(options.spec)
         labels = file.meta.labels if file.meta else None
-        indices, mapping = folder.class_indices(labels)
-        targets = {p: indices[c] for p, c in zip(folder.paths, folder.class_ids)}
-        entries.append(_Entry(file.path, resolve_spec(file.meta, options.spec, file.path),
-                              labels, file.precision, targets, mapping))
+        indices, mapping = folder.class_indices(labels, file.io.classes)
+        targets = {p: indices[c] for p, c in zip(folder.paths, folder.class_ids, strict=True)}
+        entries.append(_Entry(file.path, spec, labels, file.precision, targets, mapping))
     for entry in entries:
         entry.backend = OrtBackend(entry.path, options.provider)
     specs = list(dict.fromkeys(e.spec for e in entries))

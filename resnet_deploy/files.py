@@ -1,12 +1,14 @@
-"""Atomic file output: a reader (or a crash) never sees half an artifact."""
+"""Output files: checked before any work starts, and written atomically, so a reader (or a
+crash) never sees half an artifact and no input is ever overwritten."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from collections.abc import Iterator
 
 from .errors import UserError
 
@@ -38,6 +40,61 @@ def atomic_output(path: Path, suffix: str = ".tmp") -> Iterator[Path]:
 
 
 def write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temp file in the same folder."""
+    """Write ``text`` to ``path`` through a temp file in the same folder.
+
+    UTF-8, except that a file name which is not (held as surrogate escapes) is written back
+    as its own bytes rather than failing."""
     with atomic_output(Path(path)) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+        tmp.write_text(text, encoding="utf-8", errors="surrogateescape")
+
+
+def _same(a: Path, b: Path) -> bool:
+    """The same file: equal resolved paths, or one inode reached through a link."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_outputs(outputs: Mapping[str, Path | None], inputs: Iterable[Path | None] = (),
+                  *, folders: Mapping[str, Path | None] | None = None) -> None:
+    """Refuse, before any work, an output that cannot be written or would destroy something.
+
+    ``outputs`` and ``folders`` map an option name (for the message) to a path or None. A
+    file output needs an existing writable parent and must be a regular file or absent; a
+    folder output must be a folder or absent. No output may be one of ``inputs`` (a file
+    already inside an input folder is an input too) or another output (compared by resolved
+    path and by inode).
+    """
+    seen: list[tuple[str, Path]] = []
+    given = [(name, Path(p), False) for name, p in outputs.items() if p is not None]
+    given += [(name, Path(p), True) for name, p in (folders or {}).items() if p is not None]
+    sources = [Path(p) for p in inputs if p is not None]
+    for name, path, is_folder in given:
+        parent = path.parent if str(path.parent) else Path(".")
+        if not parent.is_dir():
+            raise UserError(f"{name} {path}: folder {parent} does not exist; create it or "
+                            "choose another path")
+        if not os.access(parent, os.W_OK):
+            raise UserError(f"{name} {path}: folder {parent} is not writable; choose another "
+                            "path")
+        if path.exists() or path.is_symlink():
+            mode = path.stat().st_mode if path.exists() else 0
+            if is_folder and not stat.S_ISDIR(mode):
+                raise UserError(f"{name} {path}: exists and is not a folder; choose a folder")
+            if not is_folder and not stat.S_ISREG(mode):
+                kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file"
+                raise UserError(f"{name} {path}: is {kind}; give a file path to write")
+        for source in sources:
+            inside = source.is_dir() and path.exists() and \
+                path.resolve().is_relative_to(source.resolve())
+            if inside or _same(path, source):
+                raise UserError(f"{name} {path}: is one of this command's inputs and would be "
+                                "overwritten; choose another path")
+        for other_name, other in seen:
+            if _same(path, other):
+                raise UserError(f"{name} {path}: is also {other_name}; give each output its "
+                                "own path")
+        seen.append((name, path))

@@ -97,18 +97,23 @@ def compare(reference: np.ndarray, candidate: np.ndarray) -> Comparison:
 @dataclass(frozen=True)
 class Tolerance:
     """Pass criteria. ``rtol`` is relative to the largest |reference logit|, so it scales
-    with the model instead of with each (possibly near-zero) logit."""
+    with the model instead of with each (possibly near-zero) logit.
 
-    atol: float = 0.0
+    The absolute rule is ``max abs diff <= atol + rtol * max|ref|`` as soon as either is
+    set (the one not set counts as 0): ``atol=0`` alone demands exact equality, and FP32's
+    ``rtol`` keeps its own rule when only ``atol`` is overridden. Neither set: no such rule.
+    """
+
+    atol: float | None = None
     rtol: float | None = None
     min_cosine: float | None = None
     min_cosine_p1: float | None = None
     min_top1: float | None = None
 
     def allowed_abs(self, cmp: Comparison) -> float | None:
-        if self.rtol is None and self.atol == 0.0:
+        if self.atol is None and self.rtol is None:
             return None
-        return self.atol + (self.rtol or 0.0) * cmp.reference_max_abs
+        return (self.atol or 0.0) + (self.rtol or 0.0) * cmp.reference_max_abs
 
     def failures(self, cmp: Comparison) -> list[str]:
         """Human-readable reasons for failing; empty when ``cmp`` passes."""
@@ -128,8 +133,8 @@ class Tolerance:
 
     def describe(self) -> str:
         parts = []
-        if self.rtol is not None or self.atol:
-            parts.append(f"abs diff <= {self.atol:g} + {self.rtol or 0:g}*max|ref|")
+        if self.atol is not None or self.rtol is not None:
+            parts.append(f"abs diff <= {self.atol or 0:g} + {self.rtol or 0:g}*max|ref|")
         if self.min_cosine is not None:
             parts.append(f"cosine >= {self.min_cosine:g}")
         if self.min_cosine_p1 is not None:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import random
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,6 +33,11 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+# Images with more pixels are refused as unreadable before they are decoded: 80 MP (e.g.
+# 10000x8000) is above any camera's default output and decodes to 240 MB of RGB, while a PNG
+# header claiming 60000x60000 (3.6 gigapixels) is a decompression bomb, not a photo. Below
+# Pillow's own warning threshold (89.5 MP), so this limit is the one that decides.
+MAX_IMAGE_PIXELS = 80_000_000
 
 
 def default_resize(input_size: int) -> int:
@@ -84,15 +91,26 @@ def load_image(path: str | Path) -> Image.Image:
 
     Alpha is dropped (as torchvision's ImageFolder loader does), palette images are expanded,
     CMYK is converted, and 16/32-bit greyscale is scaled to 8 bits rather than clipped.
+    Anything Pillow raises while opening or decoding, a decompression bomb included, makes
+    the file unreadable (a UserError the callers skip and count), never a traceback.
     """
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image, ImageOps
 
     try:
-        with Image.open(path) as img:
-            img = ImageOps.exif_transpose(img)
-            img.load()
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise UserError(f"{path}: not a readable image ({exc})") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                if img.width * img.height > MAX_IMAGE_PIXELS:
+                    raise UserError(f"{path}: {img.width}x{img.height} pixels is over the "
+                                    f"{MAX_IMAGE_PIXELS // 1_000_000} MP limit for a photo")
+                img = ImageOps.exif_transpose(img)
+                img.load()
+    except UserError:
+        raise
+    except Exception as exc:  # Pillow's decoders raise many types, bombs included
+        reason = str(exc).splitlines()[0][:120] if str(exc) else ""
+        raise UserError(f"{path}: not a readable image ({type(exc).__name__}"
+                        f"{': ' + reason if reason else ''})") from None
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
         top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
@@ -201,10 +219,64 @@ class ModelMetadata:
 
     @classmethod
     def from_json(cls, text: str) -> ModelMetadata:
-        data = json.loads(text)
+        """Parse and validate the record; any flaw is a ValueError saying which field."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"not valid JSON ({exc.msg} at character {exc.pos})") from None
+        _check_schema(data)
         data["preprocess"] = PreprocessSpec.from_dict(data["preprocess"])
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and \
+        math.isfinite(value)
+
+
+# field -> (required, check, what it must be); checked before any value is used.
+_FIELDS: dict[str, tuple[bool, Any, str]] = {
+    "preprocess": (True, lambda v: isinstance(v, dict), "an object"),
+    "labels": (True, lambda v: v is None or (isinstance(v, list) and
+                                               all(isinstance(x, str) for x in v)),
+               "a list of strings or null"),
+    "weights": (True, lambda v: isinstance(v, dict), "an object"),
+    "exporter": (True, lambda v: isinstance(v, str), "a string"),
+    "opset": (True, lambda v: isinstance(v, int) and not isinstance(v, bool) and 7 <= v <= 99,
+              "an integer opset"),
+    "versions": (True, lambda v: isinstance(v, dict), "an object"),
+    "quantization": (False, lambda v: v is None or isinstance(v, dict), "an object or null"),
+    "extra": (False, lambda v: isinstance(v, dict), "an object"),
+}
+_SPEC_FIELDS: dict[str, tuple[Any, str]] = {
+    "input_size": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    "resize_size": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    "interpolation": (lambda v: v in INTERPOLATIONS, f"one of {', '.join(INTERPOLATIONS)}"),
+    "mean": (lambda v: isinstance(v, list) and len(v) == 3 and all(map(_is_number, v)),
+             "three numbers"),
+    "std": (lambda v: isinstance(v, list) and len(v) == 3 and all(map(_is_number, v)),
+            "three numbers"),
+    "channel_order": (lambda v: v == "RGB", '"RGB"'),
+    "layout": (lambda v: v == "NCHW", '"NCHW"'),
+    "dtype": (lambda v: v == "float32", '"float32"'),
+}
+
+
+def _check_schema(data: Any) -> None:
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    for name, (required, ok, what) in _FIELDS.items():
+        if name not in data:
+            if required:
+                raise ValueError(f"the {name!r} field is missing")
+        elif not ok(data[name]):
+            raise ValueError(f"{name!r} must be {what}")
+    for name, (ok, what) in _SPEC_FIELDS.items():
+        if name not in data["preprocess"]:
+            raise ValueError(f"'preprocess.{name}' is missing")
+        if not ok(data["preprocess"][name]):
+            raise ValueError(f"'preprocess.{name}' must be {what}")
 
 
 def write_metadata(model: onnx.ModelProto, meta: ModelMetadata) -> None:
@@ -216,10 +288,17 @@ def write_metadata(model: onnx.ModelProto, meta: ModelMetadata) -> None:
     entry.key, entry.value = METADATA_KEY, meta.to_json()
 
 
-def metadata_from_proto(model: onnx.ModelProto) -> ModelMetadata | None:
+def metadata_from_proto(model: onnx.ModelProto,
+                        source: str | Path = "the model") -> ModelMetadata | None:
+    """The record written at export, or None; a corrupt record is a UserError naming
+    ``source``, never a traceback."""
     for entry in model.metadata_props:
         if entry.key == METADATA_KEY:
-            return ModelMetadata.from_json(entry.value)
+            try:
+                return ModelMetadata.from_json(entry.value)
+            except (ValueError, UserError) as exc:
+                raise UserError(f"{source}: its {METADATA_KEY} metadata is corrupt ({exc}); "
+                                "export the model again with 'resnet-deploy export'") from None
     return None
 
 
@@ -241,7 +320,7 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
 
 def read_metadata(path: str | Path) -> ModelMetadata | None:
     """The record written at export, or None for a model this tool did not export."""
-    return metadata_from_proto(load_onnx(path))
+    return metadata_from_proto(load_onnx(path), path)
 
 
 def resolve_spec(meta: ModelMetadata | None, override: PreprocessSpec | None,

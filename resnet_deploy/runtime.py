@@ -20,7 +20,8 @@ import numpy as np
 
 from .errors import ProviderUnavailable, UserError
 from .machine import cpu_info, saturates
-from .preprocess import ModelMetadata, load_onnx, metadata_from_proto
+from .preprocess import (ModelMetadata, PreprocessSpec, load_onnx, metadata_from_proto,
+                         resolve_spec)
 
 if TYPE_CHECKING:
     import onnx
@@ -121,8 +122,13 @@ def create_session(model: str | Path, provider: str = "cpu",
     if config.profile:
         opts.enable_profiling = True
         opts.profile_file_prefix = str(Path(os.environ.get("TMPDIR", "/tmp")) / "rd_profile")
+    source: str | bytes = str(model)
     try:
-        session = ort.InferenceSession(str(model), opts, providers=_provider_chain(full, config))
+        source.encode("utf-8")
+    except UnicodeEncodeError:  # a file name that is not UTF-8: ORT takes only UTF-8 paths
+        source = Path(model).read_bytes()
+    try:
+        session = ort.InferenceSession(source, opts, providers=_provider_chain(full, config))
     except Exception as exc:
         raise UserError(f"{model}: ONNX Runtime cannot load it on {short_provider(full)} "
                         f"({str(exc).strip().splitlines()[0][:200]})") from None
@@ -186,19 +192,91 @@ def int8_weight_peak(model: onnx.ModelProto) -> int | None:
 
 
 @dataclass(frozen=True)
+class GraphIO:
+    """The image input and logits output a graph declares (None: a dynamic dimension)."""
+
+    input_name: str
+    batch: int | None
+    height: int | None
+    width: int | None
+    classes: int | None
+
+
+def _dims(value_info: onnx.ValueInfoProto) -> list[int | None]:
+    return [d.dim_value if d.HasField("dim_value") else None
+            for d in value_info.type.tensor_type.shape.dim]
+
+
+def graph_io(model: onnx.ModelProto, source: str | Path) -> GraphIO:
+    """Check that the graph takes one NCHW float32 RGB image batch and gives 2-D logits."""
+    import onnx
+
+    initializers = {init.name for init in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    fix = "export it with 'resnet-deploy export'"
+    if len(inputs) != 1:
+        raise UserError(f"{source}: the model has {len(inputs)} inputs; resnet-deploy feeds one "
+                        f"image batch; {fix}")
+    image = inputs[0]
+    dtype = image.type.tensor_type.elem_type
+    if dtype != onnx.TensorProto.FLOAT:
+        raise UserError(f"{source}: input {image.name!r} is "
+                        f"{onnx.TensorProto.DataType.Name(dtype).lower()}, not float32; the "
+                        f"preprocessing gives float32 images; {fix}")
+    dims = _dims(image)
+    if len(dims) != 4 or dims[1] not in (None, 3):
+        raise UserError(f"{source}: input {image.name!r} has shape "
+                        f"{[d if d is not None else '?' for d in dims]}; expected NCHW with 3 "
+                        f"channels (N, 3, H, W); {fix}")
+    if not model.graph.output:
+        raise UserError(f"{source}: the model has no output; {fix}")
+    out = _dims(model.graph.output[0])
+    if len(out) != 2:
+        raise UserError(f"{source}: output {model.graph.output[0].name!r} has "
+                        f"{len(out)} dimensions; expected (N, classes) logits; {fix}")
+    return GraphIO(image.name, dims[0] or None, dims[2] or None, dims[3] or None,
+                   out[1] or None)
+
+
+@dataclass(frozen=True)
 class ModelFile:
-    """An ONNX model, read once: its path, export metadata, precision and int8 weight peak."""
+    """An ONNX model, opened once and checked: path, metadata, precision, int8 weight peak,
+    and the image input it declares. Every command opens its models through :meth:`read`,
+    so a model that does not fit fails here, before any work, with the file named."""
 
     path: Path
     meta: ModelMetadata | None
     precision: str
+    io: GraphIO
+    opset: int
     int8_peak: int | None = None
 
     @classmethod
     def read(cls, path: str | Path) -> ModelFile:
-        proto = load_onnx(path)
-        return cls(Path(path), metadata_from_proto(proto), model_precision(proto),
-                   int8_weight_peak(proto))
+        return cls.from_proto(load_onnx(path), path)
+
+    @classmethod
+    def from_proto(cls, proto: onnx.ModelProto, path: str | Path) -> ModelFile:
+        """The same checks on an already-parsed model (callers that edit it keep the proto)."""
+        opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+        return cls(Path(path), metadata_from_proto(proto, path), model_precision(proto),
+                   graph_io(proto, path), opset, int8_weight_peak(proto))
+
+    def spec(self, override: PreprocessSpec | None = None) -> PreprocessSpec:
+        """The preprocessing to feed it (``override`` wins), checked against the graph."""
+        spec = resolve_spec(self.meta, override, self.path)
+        size = (self.io.height, self.io.width)
+        if any(d is not None and d != spec.input_size for d in size):
+            where = "--input-size" if override is not None else "its metadata"
+            raise UserError(f"{self.path}: the graph takes {size[0] or '?'}x{size[1] or '?'} "
+                            f"images but {where} says {spec.input_size}; pass --input-size "
+                            f"{size[0] or size[1]} or re-export the model")
+        if self.meta is not None and self.meta.labels is not None and self.io.classes \
+                and len(self.meta.labels) != self.io.classes:
+            raise UserError(f"{self.path}: its metadata has {len(self.meta.labels)} labels but "
+                            f"the graph gives {self.io.classes} logits; re-export it with "
+                            "matching --labels")
+        return spec
 
     @property
     def target(self) -> str | None:
@@ -251,10 +329,27 @@ class OrtBackend(Backend):
         self.model = str(model)
         self.provider = short_provider(provider_name(provider))
         self.name = f"{Path(model).name}@{self.provider}"
-        self.input_name = self.session.get_inputs()[0].name
+        declared = self.session.get_inputs()[0]
+        self.input_name = declared.name
+        self.static_batch = declared.shape[0] if isinstance(declared.shape[0], int) else None
 
     def _infer_impl(self, batch: np.ndarray) -> np.ndarray:
+        if self.static_batch is None or len(batch) == self.static_batch:
+            return self._run(batch)
+        # A static-batch model takes exactly its batch: feed it chunks of that size, the last
+        # one filled up by repeating images, and keep only the rows that were asked for.
+        step = self.static_batch
+        outputs = [self._run(fill_batch(batch[i:i + step], step))[:len(batch[i:i + step])]
+                   for i in range(0, len(batch), step)]
+        return np.concatenate(outputs)
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: batch})[0].astype(np.float32)
+
+
+def fill_batch(batch: np.ndarray, size: int) -> np.ndarray:
+    """``batch`` repeated up to ``size`` rows (a static-batch model takes no short batch)."""
+    return batch if len(batch) == size else np.resize(batch, (size, *batch.shape[1:]))
 
 
 class TorchBackend(Backend):

@@ -118,9 +118,16 @@ def test_labelled_images_maps_by_label_name_or_sorted_folder(tmp_path: Path) -> 
     # Folder names that are all model labels map by name, whatever their sorted order.
     targets, mapping = folder.targets(folder.paths, ["dog", "cat", "bee", "ant"])
     assert mapping == "labels" and list(targets) == [3, 1, 1]
-    # A folder name that is not a label falls back to sorted order.
-    targets, mapping = folder.targets(folder.paths, ["dog", "cat"])
+    # No folder name is a label: sorted order, which needs one folder per class.
+    targets, mapping = folder.targets(folder.paths, ["dog", "bee"])
     assert mapping == "sorted" and list(targets) == [0, 1, 1]
+    with pytest.raises(UserError, match="2 class folders for a model with 3 classes"):
+        folder.targets(folder.paths, ["dog", "bee", "eel"])
+    with pytest.raises(UserError, match="no labels to map them by"):
+        folder.targets(folder.paths, None, classes=10)
+    # Some folder names are labels and one is not: a typo, never a silent sorted guess.
+    with pytest.raises(UserError, match="ant: this class folder is not one of the model's"):
+        folder.targets(folder.paths, ["dog", "cat"])
     assert len(folder.subset(2, seed=0).paths) == 2
 
 

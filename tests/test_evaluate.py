@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from resnet_deploy.cli import main
+from resnet_deploy.errors import UserError
 from resnet_deploy.evaluate import EvaluateOptions, evaluate
 from resnet_deploy.preprocess import list_images, load_batch, read_metadata
 from resnet_deploy.runtime import OrtBackend
@@ -36,6 +37,8 @@ def test_cli_side_by_side_json_matches_a_manual_count(random_onnx: Path, image_f
                      image_folder, "--batch-size", 5, "--json", report)
     assert result.exit_code == 0, result.output
     assert "top-1" in result.output and "copy.onnx" in result.output
+    # How the class folders were matched to the outputs, said in words.
+    assert result.output.count("folder names matched to the model's labels") == 2
     data = json.loads(report.read_text())
     assert_names_machine(data, result.output)
     rows = data["models"]
@@ -65,14 +68,15 @@ def test_folder_names_map_through_model_labels(random_onnx: Path, tmp_path: Path
     result = evaluate([random_onnx], root)
     assert result.models[0].label_mapping == "labels"
     assert result.models[0].top1 == 1.0 and result.models[0].n == len(paths)
-    # Renamed folders (not labels) fall back to sorted order, and the numbers change with it.
-    if sorted(set(predicted)) != list(range(len(set(predicted)))):
-        renamed = tmp_path / "renamed"
-        shutil.copytree(root, renamed)
-        for folder in renamed.iterdir():
-            folder.rename(renamed / f"x_{folder.name}")
-        other = evaluate([random_onnx], renamed).models[0]
-        assert other.label_mapping == "sorted" and other.top1 < 1.0
+    # Renamed folders (not labels), fewer than the classes: sorted order would score them
+    # against the wrong classes, so it is an error rather than a silently wrong top-1.
+    renamed = tmp_path / "renamed"
+    shutil.copytree(root, renamed)
+    for folder in renamed.iterdir():
+        folder.rename(renamed / f"x_{folder.name}")
+    if len(set(predicted)) != len(labels):
+        with pytest.raises(UserError, match="class folders for a model with 10 classes"):
+            evaluate([random_onnx], renamed)
 
 
 def test_limit_evaluates_a_seeded_subset(random_onnx: Path, image_folder: Path) -> None:
@@ -106,10 +110,17 @@ def test_corrupt_model_and_missing_metadata_are_exit_2(bare_onnx: Path, image_fo
     bare = bare_onnx
     result = _invoke("evaluate", "--model", bare, "--images", image_folder)
     assert result.exit_code == 2 and "--input-size" in result.stderr
+    # Without labels, folders map in sorted order, which needs one folder per class (10).
     result = _invoke("evaluate", "--model", bare, "--images", image_folder,
                      "--input-size", 64, "--limit", 4)
+    assert result.exit_code == 2 and "no labels to map them by" in result.stderr
+    ten = tmp_path / "ten"
+    for i, photo in enumerate(list_images(image_folder)[:10]):
+        (ten / f"c{i}").mkdir(parents=True)
+        shutil.copy(photo, ten / f"c{i}")
+    result = _invoke("evaluate", "--model", bare, "--images", ten, "--input-size", 64)
     assert result.exit_code == 0, result.output
-    assert "classes by" in result.output and "sorted" in result.output
+    assert "classes matched by" in result.output and "folders in sorted order" in result.output
 
 
 def test_missing_provider_is_exit_2(random_onnx: Path, image_folder: Path) -> None:

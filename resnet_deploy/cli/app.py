@@ -6,27 +6,77 @@ pay for torch or onnxruntime. Errors: UserError -> exit 2, CheckFailed -> exit 1
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Any
+import signal
+import threading
+import warnings
+from collections.abc import Iterator
+from types import FrameType
+from typing import Any, TextIO
 
 import click
 
 from .. import __version__
 from ..errors import CheckFailed, UserError
+from .options import printable
+
+
+class Terminated(BaseException):
+    """SIGTERM as an exception in the main thread, so every ``with`` block (temp folders,
+    atomic outputs) cleans up on the way out, as it does for Ctrl-C."""
+
+
+@contextlib.contextmanager
+def _signals_and_warnings(terminated: threading.Event) -> Iterator[None]:
+    """SIGTERM unwinds like Ctrl-C; a library warning becomes one log line, shown once."""
+    shown: set[str] = set()
+
+    def one_line(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                 file: TextIO | None = None, line: str | None = None) -> None:
+        text = f"{category.__name__}: {str(message).strip().splitlines()[0]}"
+        if text not in shown:
+            shown.add(text)
+            logging.getLogger("resnet_deploy.warnings").warning(text)
+
+    def terminate(signum: int, frame: FrameType | None) -> None:
+        terminated.set()  # remembered: a library may wrap the exception in one of its own
+        raise Terminated
+
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, terminate) if in_main else None
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = one_line
+            yield
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
 
 
 class Group(click.Group):
-    """Turns the library's exceptions into one line on stderr and the documented exit code."""
+    """Turns the library's exceptions into one line on stderr and the documented exit code:
+    UserError 2, CheckFailed 1, Ctrl-C 130, SIGTERM 143."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        terminated = threading.Event()
         try:
-            return super().invoke(ctx)
-        except UserError as exc:
-            click.echo(f"Error: {exc}", err=True)
-            ctx.exit(2)
-        except CheckFailed as exc:
-            click.echo(f"FAILED: {exc}", err=True)
-            ctx.exit(1)
+            with _signals_and_warnings(terminated):
+                return super().invoke(ctx)
+        except BaseException as exc:
+            if terminated.is_set():
+                click.echo("Error: terminated (SIGTERM); no partial output was kept", err=True)
+                ctx.exit(143)
+            if isinstance(exc, KeyboardInterrupt):
+                click.echo("Error: interrupted (Ctrl-C); no partial output was kept", err=True)
+                ctx.exit(130)
+            if isinstance(exc, UserError):
+                click.echo(printable(f"Error: {exc}"), err=True)
+                ctx.exit(2)
+            if isinstance(exc, CheckFailed):
+                click.echo(printable(f"FAILED: {exc}"), err=True)
+                ctx.exit(1)
+            raise
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
