@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
+import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -21,7 +23,7 @@ import numpy as np
 from .errors import CheckFailed, UserError
 from .files import atomic_output
 from .machine import package_versions
-from .metrics import TOLERANCES, compare
+from .metrics import TOLERANCES, CheckResult
 from .model import LoadedWeights
 from .preprocess import (ModelMetadata, PreprocessSpec, image_inputs, list_images,
                          random_inputs, write_metadata)
@@ -32,6 +34,7 @@ if TYPE_CHECKING:
     from torch import nn
 
 log = logging.getLogger(__name__)
+INDUCTOR_CACHE = "TORCHINDUCTOR_CACHE_DIR"
 
 EXPORTERS = ("dynamo", "torchscript")
 SIMPLIFIERS = ("onnxsim", "onnxslim", "none")
@@ -60,25 +63,58 @@ class ExportResult:
     nodes_after: int
     size_bytes: int
     weights: str
-    parity: dict[str, Any]
+    checks: dict[int, CheckResult]  # PyTorch vs ORT CPU, by batch size
     seconds: dict[str, float] = field(default_factory=dict)
+    constants_folded: int = 0  # nodes the simplifier computed ahead into initializers
+    batchnorm_nodes: int = 0  # BatchNormalization nodes left in the final graph
+    labels_source: str = ""  # where the stored class names came from, in words
+    parity_inputs: str = ""  # what the checks ran on, in words
+    layers: int = 0  # nodes named after the PyTorch module they came from
+
+    @property
+    def passed(self) -> bool:
+        return all(self.checks.values())
+
+    @property
+    def parity(self) -> dict[str, Any]:
+        """The checks summed up: the worst figure of each over every batch size."""
+        checks = list(self.checks.values())
+        cmps = [c.comparison for c in checks]
+        return {"inputs": self.parity_inputs, "batch_sizes": list(self.checks),
+                "max_abs_diff": max(c.max_abs_diff for c in cmps),
+                "cosine_min": min(c.cosine_min for c in cmps),
+                "top1_agreement": min(c.top1_agreement for c in cmps),
+                "tolerance": checks[0].tolerance.describe(), "passed": self.passed,
+                "rows": [{"batch_size": size, **c.to_dict()} for size, c in self.checks.items()]}
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = {k: v for k, v in asdict(self).items() if k != "checks"}
+        return {**data, "parity": self.parity}
 
 
 @contextlib.contextmanager
 def _quiet_exporter() -> Iterator[None]:
-    """The exporters print progress and deprecation chatter; send it to the log instead."""
+    """The exporters print progress and deprecation chatter; send it to the log instead.
+
+    torch.export also fills a compile cache (``torchinductor_<user>``) in $TMPDIR; it is
+    pointed at a folder of our own that goes away with the export, interrupted or not.
+    """
     buffer = io.StringIO()
     torch_onnx_log = logging.getLogger("torch.onnx")
     old_level = torch_onnx_log.level
     torch_onnx_log.setLevel(logging.ERROR)
+    old_cache = os.environ.get(INDUCTOR_CACHE)
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(buffer):
+        with warnings.catch_warnings(), contextlib.redirect_stdout(buffer), \
+                tempfile.TemporaryDirectory(prefix="rd-export-") as cache:
+            os.environ[INDUCTOR_CACHE] = cache
             warnings.simplefilter("ignore")
             yield
     finally:
+        if old_cache is None:
+            os.environ.pop(INDUCTOR_CACHE, None)
+        else:
+            os.environ[INDUCTOR_CACHE] = old_cache
         torch_onnx_log.setLevel(old_level)
         if buffer.getvalue().strip():
             log.debug("exporter output:\n%s", buffer.getvalue())
@@ -164,41 +200,44 @@ def parity_inputs(spec: PreprocessSpec, folder: Path | None, count: int,
     return random_inputs(spec, count, seed), f"{count} seeded random inputs"
 
 
-def check_parity(model: nn.Module, onnx_path: Path, inputs: np.ndarray,
-                 dynamic_batch: bool) -> dict[str, Any]:
+def check_parity(model: nn.Module, onnx_path: Path, inputs: np.ndarray, source: str,
+                 dynamic_batch: bool) -> dict[int, CheckResult]:
     """PyTorch vs ORT CPU at batch 1 and, for a dynamic model, a larger batch."""
     reference = TorchBackend(model).infer(inputs)
     ort_backend = OrtBackend(onnx_path, "cpu")
-    tolerance = TOLERANCES["fp32"]
     sizes = [1] + ([min(8, len(inputs))] if dynamic_batch and len(inputs) > 1 else [])
-    rows = []
+    checks = {}
     for size in sizes:
         outputs = np.concatenate([ort_backend.infer(inputs[i:i + size])
                                   for i in range(0, len(inputs) - len(inputs) % size, size)])
-        cmp = compare(reference[:len(outputs)], outputs)
-        rows.append({"batch_size": size, **cmp.to_dict(), "failures": tolerance.failures(cmp)})
-    return {
-        "max_abs_diff": max(r["max_abs_diff"] for r in rows),
-        "cosine_min": min(r["cosine_min"] for r in rows),
-        "top1_agreement": min(r["top1_agreement"] for r in rows),
-        "batch_sizes": sizes,
-        "tolerance": tolerance.describe(),
-        "rows": rows,
-        "passed": not any(r["failures"] for r in rows),
-    }
+        checks[size] = CheckResult.judge(f"PyTorch vs ORT CPU at batch {size} on {source}",
+                                         reference[:len(outputs)], outputs, TOLERANCES["fp32"])
+    return checks
+
+
+def constants_folded(outputs_before: list[list[str]], after: onnx.ModelProto) -> int:
+    """Nodes (given by their outputs) whose outputs ``after`` holds as initializers: the
+    simplifier computed them ahead of time."""
+    initializers = {init.name for init in after.graph.initializer}
+    return sum(any(out in initializers for out in outs) for outs in outputs_before)
 
 
 def export(model: nn.Module, weights: LoadedWeights, spec: PreprocessSpec, output: Path, *,
-           labels: list[str] | None = None,
+           labels: list[str] | None = None, labels_source: str | None = None,
            options: ExportOptions = ExportOptions()) -> ExportResult:
     """Export ``model`` to a single verified ONNX file at ``output``.
 
-    Raises UserError for bad input and CheckFailed (leaving no file) when the exported
-    model's logits differ from PyTorch's beyond the FP32 tolerance.
+    ``labels`` (from ``labels_source``, in words) win over the weights' own. The node ->
+    PyTorch module mapping (:mod:`layers`) is recorded in the metadata. Raises UserError
+    for bad input and CheckFailed (leaving no file) when the exported model's logits
+    differ from PyTorch's beyond the FP32 tolerance.
     """
     import onnx
 
-    labels = labels if labels is not None else weights.labels
+    from . import layers
+
+    if labels is None:
+        labels, labels_source = weights.labels, weights.labels_source
     if labels is not None and len(labels) != weights.num_classes:
         raise UserError(f"{len(labels)} labels given for a model with {weights.num_classes} "
                         "classes; pass a --labels file with one line per class")
@@ -208,29 +247,48 @@ def export(model: nn.Module, weights: LoadedWeights, spec: PreprocessSpec, outpu
         start = time.perf_counter()
         proto = torch_to_onnx(model, spec, tmp, options)
         seconds["export"] = time.perf_counter() - start
+        # Read before simplifying (which may edit the graph in place): the node count, what
+        # each node outputs, and the exporter's scopes, which may not survive simplification.
         nodes_before = len(proto.graph.node)
+        outputs_before = [list(node.output) for node in proto.graph.node]
+        names = layers.derive(proto)
         start = time.perf_counter()
         proto, simplifier = simplify(proto, options.simplify)
         seconds["simplify"] = time.perf_counter() - start
+        names.update(layers.derive(proto))
+        names = {node.name: names[node.name] for node in proto.graph.node if node.name in names}
+        # The opset the file declares, which is what gets recorded: the dynamo exporter
+        # writes 18 when asked for less and its down-conversion fails.
+        opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+        if opset != options.opset:
+            log.warning("the %s exporter wrote opset %d, not the %d asked for",
+                        options.exporter, opset, options.opset)
         write_metadata(proto, ModelMetadata(
             preprocess=spec, labels=labels,
             weights={"source": weights.source, "sha256": weights.sha256,
                      "random": weights.is_random, "seed": weights.seed,
                      "num_classes": weights.num_classes},
-            exporter=options.exporter, opset=options.opset, versions=package_versions()))
+            exporter=options.exporter, opset=opset, versions=package_versions(),
+            extra={layers.METADATA_KEY: names}))
         onnx.save(proto, str(tmp), save_as_external_data=False)
         start = time.perf_counter()
         inputs, source = parity_inputs(spec, options.parity_images, options.parity_samples,
                                        options.seed)
-        parity = {"inputs": source, **check_parity(model, tmp, inputs, options.dynamic_batch)}
+        checks = check_parity(model, tmp, inputs, source, options.dynamic_batch)
         seconds["parity"] = time.perf_counter() - start
         result = ExportResult(
-            output=str(output), exporter=options.exporter, opset=options.opset,
+            output=str(output), exporter=options.exporter, opset=opset,
             simplifier=simplifier, nodes_before=nodes_before, nodes_after=len(proto.graph.node),
-            size_bytes=tmp.stat().st_size, weights=weights.describe(), parity=parity,
-            seconds={k: round(v, 3) for k, v in seconds.items()})
-        if not parity["passed"]:
-            failures = "; ".join(f for row in parity["rows"] for f in row["failures"])
+            size_bytes=tmp.stat().st_size, weights=weights.describe(), checks=checks,
+            parity_inputs=source,
+            seconds={k: round(v, 3) for k, v in seconds.items()},
+            constants_folded=constants_folded(outputs_before, proto),
+            batchnorm_nodes=sum(n.op_type == "BatchNormalization" for n in proto.graph.node),
+            labels_source=(f"{len(labels)} class names from {labels_source or 'the caller'}"
+                           if labels is not None else "none: outputs are class indices"),
+            layers=len(names))
+        if not result.passed:
+            failures = "; ".join(c.reason for c in checks.values() if not c)
             raise CheckFailed(f"exported model does not match PyTorch ({failures}); "
                               f"{output} was not written", report=result)
     return result

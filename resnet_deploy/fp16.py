@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING, Any
 from .errors import CheckFailed, UserError
 from .export import parity_inputs
 from .files import atomic_output
-from .metrics import TOLERANCES, compare
+from .metrics import TOLERANCES, CheckResult
 from .model import file_sha256
-from .preprocess import PreprocessSpec, load_onnx, metadata_from_proto, write_metadata
-from .runtime import OrtBackend, model_precision, run_batched
+from .preprocess import PreprocessSpec, load_onnx, write_metadata
+from .runtime import ModelFile, OrtBackend, model_precision, run_batched
 
 if TYPE_CHECKING:
     import onnx
@@ -59,11 +59,13 @@ class Fp16Result:
     size_bytes: int
     source_size_bytes: int
     io_dtype: str
-    check: dict[str, Any]
+    check: CheckResult  # FP32 vs FP16 on ORT CPU
+    inputs: str  # what the check ran on, in words
     seconds: dict[str, float]
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = {k: v for k, v in dataclasses.asdict(self).items() if k != "check"}
+        return {**data, "check": {"inputs": self.inputs, **self.check.to_dict()}}
 
 
 def _converter() -> Any:
@@ -139,10 +141,15 @@ def convert_fp16(model: str | Path, output: str | Path | None = None, *,
     if output.resolve() == source.resolve():
         raise UserError(f"{output}: the output would overwrite the input; choose another -o")
     proto = load_onnx(source)
-    precision = model_precision(proto)
-    if precision != "fp32":
-        raise UserError(f"{source}: is already a {precision} model; convert the FP32 export")
-    meta = metadata_from_proto(proto)
+    file = ModelFile.from_proto(proto, source)
+    if file.precision != "fp32":
+        raise UserError(f"{source}: is already a {file.precision} model; convert the FP32 "
+                        "export")
+    meta = file.meta
+    if meta is None and file.io.height is None:
+        raise UserError(f"{source}: has no resnet-deploy metadata and a dynamic input size; "
+                        "export it with 'resnet-deploy export'")
+    spec = file.spec() if meta is not None else PreprocessSpec.create(file.io.height or 0)
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     half = to_fp16(proto, op_block_list=options.op_block_list)
@@ -160,37 +167,27 @@ def convert_fp16(model: str | Path, output: str | Path | None = None, *,
     with atomic_output(output) as tmp:
         onnx.save(half, str(tmp), save_as_external_data=False)
         start = time.perf_counter()
-        check = check_fp16(source, tmp, meta.preprocess if meta else None, options)
+        check, described = check_fp16(source, tmp, spec, options)
         seconds["check"] = time.perf_counter() - start
         result = Fp16Result(
             source=str(source), output=str(output), nodes=len(half.graph.node),
             casts_added=casts, size_bytes=tmp.stat().st_size,
             source_size_bytes=source.stat().st_size, io_dtype="float32", check=check,
+            inputs=described,
             seconds={k: round(v, 3) for k, v in seconds.items()})
-        if not check["passed"]:
-            raise CheckFailed(f"FP16 model does not match FP32 ({'; '.join(check['failures'])}); "
+        if not check:
+            raise CheckFailed(f"FP16 model does not match FP32 ({check.reason}); "
                               f"{output} was not written", report=result)
     return result
 
 
-def check_fp16(fp32: Path, fp16: Path, spec: PreprocessSpec | None,
-               options: Fp16Options) -> dict[str, Any]:
-    """FP32 vs FP16 logits on ORT CPU, judged by parity's FP16 tolerance."""
-    fp32_backend = OrtBackend(fp32, "cpu")
-    if spec is None:
-        shape = fp32_backend.session.get_inputs()[0].shape
-        if not all(isinstance(d, int) for d in shape[1:]):
-            raise UserError(f"{fp32}: has no resnet-deploy metadata and a dynamic input size; "
-                            "export it with 'resnet-deploy export'")
-        spec = PreprocessSpec.create(int(shape[-1]))
+def check_fp16(fp32: Path, fp16: Path, spec: PreprocessSpec,
+               options: Fp16Options) -> tuple[CheckResult, str]:
+    """FP32 vs FP16 logits on ORT CPU, judged by parity's FP16 tolerance; and the inputs."""
     inputs, described = parity_inputs(spec, options.check_images, options.check_samples,
                                       options.seed)
-    static = isinstance(fp32_backend.session.get_inputs()[0].shape[0], int)
-    batch = 1 if static else len(inputs)  # a static-batch export takes one image per run
-    reference = run_batched(fp32_backend, inputs, batch)
-    candidate = run_batched(OrtBackend(fp16, "cpu"), inputs, batch)
-    tolerance = TOLERANCES["fp16"]
-    cmp = compare(reference, candidate)
-    failures = tolerance.failures(cmp)
-    return {"inputs": described, "tolerance": tolerance.describe(), **cmp.to_dict(),
-            "failures": failures, "passed": not failures}
+    reference = run_batched(OrtBackend(fp32, "cpu"), inputs, len(inputs))
+    candidate = run_batched(OrtBackend(fp16, "cpu"), inputs, len(inputs))
+    check = CheckResult.judge(f"FP32 vs FP16 on ORT CPU on {described}", reference, candidate,
+                              TOLERANCES["fp16"])
+    return check, described

@@ -61,89 +61,11 @@ def imagenet_labels() -> list[str]:
     return text.splitlines()
 
 
-def _torch_modules() -> tuple[Any, Any]:
-    import torch
-    from torch import nn
-
-    return torch, nn
-
-
-def _build_classes() -> tuple[type, type]:
-    """Define the nn.Module classes on first use, so importing this module stays torch-free."""
-    torch, nn = _torch_modules()
-
-    class BasicBlock(nn.Module):
-        expansion = 1
-
-        def __init__(self, inplanes: int, planes: int, stride: int = 1,
-                     downsample: nn.Module | None = None) -> None:
-            super().__init__()
-            self.conv1 = nn.Conv2d(inplanes, planes, 3, stride=stride, padding=1, bias=False)
-            self.bn1 = nn.BatchNorm2d(planes)
-            self.relu = nn.ReLU(inplace=True)
-            self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
-            self.bn2 = nn.BatchNorm2d(planes)
-            self.downsample = downsample
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            identity = x if self.downsample is None else self.downsample(x)
-            out = self.relu(self.bn1(self.conv1(x)))
-            out = self.bn2(self.conv2(out))
-            return self.relu(out + identity)
-
-    class ResNet18(nn.Module):
-        """7x7/2 stem, 3x3/2 max-pool, four stages of two BasicBlocks, global average pool, fc."""
-
-        def __init__(self, num_classes: int = 1000) -> None:
-            super().__init__()
-            self.inplanes = 64
-            self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
-            self.bn1 = nn.BatchNorm2d(64)
-            self.relu = nn.ReLU(inplace=True)
-            self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-            self.layer1 = self._make_layer(64, stride=1)
-            self.layer2 = self._make_layer(128, stride=2)
-            self.layer3 = self._make_layer(256, stride=2)
-            self.layer4 = self._make_layer(512, stride=2)
-            self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-            self.fc = nn.Linear(512, num_classes)
-            for m in self.modules():  # torchvision's initialisation
-                if isinstance(m, nn.Conv2d):
-                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                elif isinstance(m, nn.BatchNorm2d):
-                    nn.init.constant_(m.weight, 1)
-                    nn.init.constant_(m.bias, 0)
-
-        def _make_layer(self, planes: int, stride: int) -> nn.Sequential:
-            # Only the first block of a stage changes resolution or width, so only it
-            # gets the stride and a 1x1 projection shortcut (named ``downsample``).
-            downsample = None
-            if stride != 1 or self.inplanes != planes:
-                downsample = nn.Sequential(
-                    nn.Conv2d(self.inplanes, planes, 1, stride=stride, bias=False),
-                    nn.BatchNorm2d(planes),
-                )
-            first = BasicBlock(self.inplanes, planes, stride, downsample)
-            self.inplanes = planes
-            return nn.Sequential(first, BasicBlock(planes, planes))
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-            x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-            return self.fc(torch.flatten(self.avgpool(x), 1))
-
-    return BasicBlock, ResNet18
-
-
-_CLASSES: tuple[type, type] | None = None
-
-
 def resnet18(*, num_classes: int = 1000) -> nn.Module:
-    """A randomly initialised ResNet-18 (call under a seed for reproducibility)."""
-    global _CLASSES
-    if _CLASSES is None:
-        _CLASSES = _build_classes()
-    return _CLASSES[1](num_classes=num_classes)
+    """A randomly initialised ResNet-18 (imports torch: see :mod:`resnet_deploy.resnet`)."""
+    from .resnet import resnet18 as build
+
+    return build(num_classes=num_classes)
 
 
 @dataclass(frozen=True)
@@ -155,6 +77,7 @@ class LoadedWeights:
     num_classes: int
     labels: list[str] | None = field(default=None, compare=False)
     seed: int | None = None
+    labels_source: str | None = field(default=None, compare=False)  # in words, for reports
 
     @property
     def is_random(self) -> bool:
@@ -163,6 +86,9 @@ class LoadedWeights:
     def describe(self) -> str:
         if self.is_random:
             return f"random init (seed {self.seed}) - NOT a trained model"
+        if self.source == IMAGENET:
+            return (f"torchvision {IMAGENET1K_V1.name} (published ImageNet top-1 "
+                    f"{IMAGENET1K_V1.top1:.2%}, sha256 {(self.sha256 or '?')[:12]})")
         return f"{self.source} (sha256 {self.sha256[:12] if self.sha256 else '?'})"
 
 
@@ -175,11 +101,16 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
 
 
 def load_model(weights: str = IMAGENET, *, num_classes: int | None = None,
-               seed: int = 0) -> tuple[nn.Module, LoadedWeights]:
-    """Build ResNet-18 in eval mode from ``imagenet``, ``random`` or a checkpoint path."""
-    torch, _ = _torch_modules()
+               seed: int = 0, find_labels: bool = True) -> tuple[nn.Module, LoadedWeights]:
+    """Build ResNet-18 in eval mode from ``imagenet``, ``random`` or a checkpoint path.
+
+    A checkpoint's class names come from beside it (:func:`labels_beside`) unless
+    ``find_labels`` is false (the caller has its own).
+    """
+    import torch
+
     if weights == RANDOM:
-        n = num_classes or 1000
+        n = num_classes or IMAGENET1K_V1.num_classes
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = resnet18(num_classes=n)
@@ -187,11 +118,17 @@ def load_model(weights: str = IMAGENET, *, num_classes: int | None = None,
     if weights == IMAGENET:
         path = imagenet_checkpoint()
         info_source, labels = IMAGENET, imagenet_labels()
+        labels_source = "the ImageNet weights (torchvision's class list)"
     else:
         path = Path(weights)
-        info_source, labels = str(path.resolve()), None
+        info_source = str(path.resolve())
+        labels, labels_source = labels_beside(path) if find_labels else (None, None)
     state = read_state_dict(path)
     inferred = infer_num_classes(state, path)
+    if weights == IMAGENET and inferred != IMAGENET1K_V1.num_classes:
+        raise UserError(f"{path}: has {inferred} classes, not ImageNet's "
+                        f"{IMAGENET1K_V1.num_classes}; delete it so the published file is "
+                        "downloaded again")
     if num_classes is not None and num_classes != inferred:
         raise UserError(f"{path}: fc.weight has {inferred} classes but --num-classes is "
                         f"{num_classes}; drop --num-classes or pass the matching checkpoint")
@@ -199,8 +136,46 @@ def load_model(weights: str = IMAGENET, *, num_classes: int | None = None,
     check_state_dict(model, state, path)
     model.load_state_dict(state, strict=True)
     if labels is not None and len(labels) != inferred:
-        labels = None
-    return model.eval(), LoadedWeights(info_source, file_sha256(path), inferred, labels)
+        raise UserError(f"{labels_source}: lists {len(labels)} classes but {path} has "
+                        f"{inferred}; fix the list or pass --labels FILE")
+    return model.eval(), LoadedWeights(info_source, file_sha256(path), inferred, labels,
+                                       labels_source=labels_source)
+
+
+MODEL_CARD, LABELS_FILE = "model.json", "labels.txt"
+
+
+def labels_beside(checkpoint: Path) -> tuple[list[str] | None, str | None]:
+    """Class names kept next to a checkpoint, and where they came from: the ``classes`` of
+    a ``model.json`` (unless its ``file`` names another checkpoint), else ``labels.txt``."""
+    import json
+
+    card = checkpoint.parent / MODEL_CARD
+    if card.is_file():
+        try:
+            data = json.loads(card.read_text("utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise UserError(f"{card}: not readable JSON ({exc}); fix it, or pass --labels "
+                            "FILE to give the class names") from None
+        data = data if isinstance(data, dict) else {}
+        classes = data.get("classes")
+        if classes is not None and data.get("file") in (None, checkpoint.name):
+            if not (isinstance(classes, list) and classes
+                    and all(isinstance(c, str) for c in classes)):
+                raise UserError(f'{card}: "classes" must be a list of class names; fix it, '
+                                "or pass --labels FILE")
+            return list(classes), f'{card} ("classes")'
+    text = checkpoint.parent / LABELS_FILE
+    if text.is_file():
+        try:
+            labels = [line.strip() for line in text.read_text("utf-8").splitlines()
+                      if line.strip()]
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UserError(f"{text}: cannot read it ({exc}); fix it or pass --labels FILE") \
+                from None
+        if labels:
+            return labels, str(text)
+    return None, None
 
 
 def imagenet_checkpoint() -> Path:
@@ -228,7 +203,8 @@ def imagenet_checkpoint() -> Path:
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Read a checkpoint safely (``weights_only=True``) and unwrap the common containers."""
-    torch, _ = _torch_modules()
+    import torch
+
     if not path.is_file():
         raise UserError(f"{path}: no such checkpoint file; pass an existing .pth/.pt/"
                         ".safetensors file, 'imagenet' or 'random'")
@@ -291,3 +267,38 @@ def check_state_dict(model: nn.Module, state: dict[str, Any], path: Path) -> Non
         problems.append(f"{len(wrong)} shape mismatches ({'; '.join(wrong[:3])})")
     if problems:
         raise UserError(f"{path}: not a torchvision ResNet-18 state_dict: {'; '.join(problems)}")
+
+
+def weights_for(recorded: dict[str, Any] | None,
+                requested: str | None = None) -> tuple[str, str | None]:
+    """Which weights rebuild the PyTorch model behind an exported one, and a note when they
+    are not its own.
+
+    ``recorded`` is the ``weights`` record of the ONNX model's metadata; ``requested`` is what
+    the user asked for. None means "the model's own source": ``imagenet`` or a checkpoint
+    still on disk, else a random init of the same shape, which the note says out loud (fine
+    for timing, not for parity).
+    """
+    if requested:
+        return requested, None
+    source = str((recorded or {}).get("source") or "")
+    if source == IMAGENET or (source and source != RANDOM and Path(source).is_file()):
+        return source, None
+    why = (f"recorded as random (seed {(recorded or {}).get('seed', 0)})" if source == RANDOM
+           else f"its weights file {source} is not here" if source else "it records no weights")
+    return RANDOM, f"PyTorch model: random weights, because the ONNX model's {why}"
+
+
+def load_for(recorded: dict[str, Any] | None, requested: str | None = None,
+             ) -> tuple[nn.Module, LoadedWeights, str | None]:
+    """The PyTorch model behind an exported one, for parity's reference and bench's
+    baseline (see :func:`weights_for`); ``random`` rebuilds the exact init the model was
+    exported from (same classes and seed)."""
+    weights, note = weights_for(recorded, requested)
+    record = recorded or {}
+    if weights == RANDOM and record.get("source") == RANDOM:
+        model, loaded = load_model(RANDOM, num_classes=record.get("num_classes"),
+                                   seed=int(record.get("seed") or 0))
+    else:
+        model, loaded = load_model(weights)
+    return model, loaded, note

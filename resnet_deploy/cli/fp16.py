@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from ..files import check_outputs
 from .app import main
 from .options import (
     DEFAULT_IMAGES,
@@ -37,6 +38,10 @@ def convert_fp16(model: Path, output: Path | None, check_images: Path,
       resnet-deploy convert-fp16 artifacts/resnet18.onnx
       resnet-deploy convert-fp16 a.onnx -o a16.onnx --json fp16.json
     """
+    from ..fp16 import default_output
+
+    output = output or default_output(model)
+    check_outputs({"-o": output, "--json": json_path}, [model, check_images])
     from ..fp16 import Fp16Options
     from ..fp16 import convert_fp16 as run_convert
 
@@ -45,11 +50,20 @@ def convert_fp16(model: Path, output: Path | None, check_images: Path,
 
 
 def render_fp16(result: Any) -> None:
+    from ..report import Column, format_table
+
     check = result.check
     emit(f"machine: {describe_machine()}")
     emit(f"{result.output}: FP16 with float32 inputs/outputs, {result.nodes} nodes "
          f"({result.casts_added} Casts added), {result.size_bytes / 1e6:.1f} MB "
          f"(from {result.source_size_bytes / 1e6:.1f} MB)")
-    emit(f"check vs FP32 on ORT CPU, {check['inputs']} ({check['tolerance']}): cosine min "
-         f"{check['cosine_min']:.6f}, top-1 {check['top1_agreement']:.2%}, max abs diff "
-         f"{check['max_abs_diff']:.3g}: {'PASS' if check['passed'] else 'FAIL'}")
+    emit(f"check, {check.subject} ({check.tolerance.describe()}):")
+    emit(format_table([check.comparison.to_dict()], [
+        Column("cosine_min", "worst cosine", "cosine",
+               "lowest per-image cosine of the logits (1 = same direction)"),
+        Column("top1_agreement", "matches on top-1", "share",
+               "images where FP32 and FP16 pick the same class"),
+        Column("max_abs_diff", "largest abs diff", "error",
+               "largest |FP32 - FP16| over every logit")]))
+    emit(f"check: {'PASS' if check else 'FAIL (' + check.reason + ')'}")
+    emit("note: FP16 is a GPU format (CUDA, TensorRT); on CPU it is no faster than FP32")

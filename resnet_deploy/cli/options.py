@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -10,24 +11,46 @@ from typing import Any
 import click
 
 from ..errors import CheckFailed, UserError
+from ..model import PublishedWeights
 
 DEFAULT_MODEL = Path("artifacts/resnet18.onnx")
 DEFAULT_IMAGES = Path("calibration")
+MAX_INPUT_SIZE = 4096
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+class Finite(click.FloatRange):
+    """A float in a range that is a real number: click's FloatRange lets nan through (every
+    comparison with nan is false) and inf past an open-ended bound, and either would turn a
+    tolerance or a normalisation into nonsense. Rejected as a usage error (exit 2)."""
+
+    name = "finite float"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> Any:
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return super().convert(number, param, ctx)
 
 
 def preprocess_options(required: bool = False) -> Decorator:
     """--input-size/--resize-size/--mean/--std; None unless given, so model metadata wins."""
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
-        fn = click.option("--std", nargs=3, type=float, default=None, metavar="R G B",
+        fn = click.option("--std", nargs=3, type=Finite(min=0, min_open=True), default=None,
+                          metavar="R G B",
                           help="Normalisation std (default ImageNet's).")(fn)
-        fn = click.option("--mean", nargs=3, type=float, default=None, metavar="R G B",
+        fn = click.option("--mean", nargs=3, type=Finite(), default=None, metavar="R G B",
                           help="Normalisation mean (default ImageNet's).")(fn)
-        fn = click.option("--resize-size", type=click.IntRange(min=8), default=None,
+        # Upper bounds keep a typo from allocating a tensor of hundreds of GB: one 4096 px
+        # image is 200 MB as float32, far beyond what a ResNet-18 is ever fed.
+        fn = click.option("--resize-size", type=click.IntRange(8, 2 * MAX_INPUT_SIZE),
+                          default=None,
                           help="Shorter side before the centre crop (default input/0.875).")(fn)
-        return click.option("--input-size", type=click.IntRange(min=8), default=None,
+        return click.option("--input-size", type=click.IntRange(8, MAX_INPUT_SIZE),
+                            default=None,
                             required=required,
                             help="Square crop fed to the model." +
                             ("" if required else " Overrides the model's metadata."))(fn)
@@ -37,11 +60,14 @@ def preprocess_options(required: bool = False) -> Decorator:
 
 def build_spec(input_size: int | None, resize_size: int | None,
                mean: tuple[float, ...] | None, std: tuple[float, ...] | None,
-               default_size: int | None = None) -> Any:
-    """A PreprocessSpec from CLI values, or None when none were given (use the model's)."""
+               default: PublishedWeights | None = None) -> Any:
+    """A PreprocessSpec from CLI values; without --input-size, the ``default`` weights' own
+    input and resize sizes, or None (use the model's metadata)."""
     from ..preprocess import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec
 
-    size = input_size or default_size
+    size = input_size or (default.input_size if default else None)
+    if input_size is None and default is not None:
+        resize_size = resize_size or default.resize_size
     if size is None:
         if resize_size or mean or std:
             raise UserError("--resize-size/--mean/--std need --input-size as well")
@@ -62,7 +88,13 @@ def weights_option(default: str | None) -> Decorator:
 
 
 def emit(text: str) -> None:
-    click.echo(text)
+    click.echo(printable(text))
+
+
+def printable(text: str) -> str:
+    """``text`` safe for a strict UTF-8 stdout: a file name that is not UTF-8 (held as
+    surrogate escapes) is shown with its odd bytes as ``\\xNN`` instead of crashing."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def write_json_if(path: Path | None, data: dict[str, Any]) -> None:
@@ -95,10 +127,11 @@ def show_result(produce: Callable[[], Any], render: Callable[[Any], None],
     write_json_if(json_path, result.to_dict())
 
 
-def random_banner(weights: Any) -> None:
-    if getattr(weights, "is_random", False):
-        click.secho("!" * 72 + "\n! RANDOM WEIGHTS: this model is untrained; its figures check the "
-                    "plumbing only.\n" + "!" * 72, fg="yellow", err=True)
+def random_banner(untrained: bool) -> None:
+    """One warning line (stderr) whenever the figures come from an untrained model."""
+    if untrained:
+        click.secho("warning: RANDOM WEIGHTS: the PyTorch model is untrained; its figures check "
+                    "the plumbing only", fg="yellow", err=True)
 
 
 def read_labels(path: Path | None) -> list[str] | None:
@@ -108,6 +141,9 @@ def read_labels(path: Path | None) -> list[str] | None:
         labels = [line.strip() for line in path.read_text("utf-8").splitlines() if line.strip()]
     except OSError as exc:
         raise UserError(f"{path}: cannot read the labels file ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: the labels file is not UTF-8 text (byte {exc.start}); save "
+                        "it as UTF-8, one class name per line") from None
     if not labels:
         raise UserError(f"{path}: the labels file is empty; give one class name per line")
     return labels
@@ -115,3 +151,28 @@ def read_labels(path: Path | None) -> list[str] | None:
 
 def progress_enabled() -> bool:
     return sys.stderr.isatty()
+
+
+def provider_option(*, single: bool = False) -> Decorator:
+    """``--provider`` (alias ``--providers``) in every command: repeatable, comma lists, names
+    matched case-insensitively (cpu, cuda, tensorrt). ``single``: the command runs one."""
+
+    def parse(ctx: click.Context, param: click.Parameter,
+              value: tuple[str, ...]) -> tuple[str, ...]:
+        from ..runtime import provider_name, short_provider
+
+        names = tuple(dict.fromkeys(short_provider(provider_name(p))
+                                    for v in value for p in v.split(",") if p.strip()))
+        if not names:
+            raise click.BadParameter("give a provider, e.g. --provider cpu")
+        if single and len(names) > 1:
+            raise click.BadParameter(f"this command runs one provider at a time, not "
+                                     f"{', '.join(names)}; run it once per provider")
+        return names
+
+    return click.option("--provider", "--providers", "providers", multiple=True,
+                        default=("cpu",), show_default=True, callback=parse,
+                        metavar="cpu|cuda|tensorrt",
+                        help="ONNX Runtime provider" + ("" if single else
+                             "s (repeatable or a comma list)") +
+                        "; a missing one is an error, never a silent CPU run.")
