@@ -21,7 +21,7 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -78,16 +78,19 @@ class BenchOptions:
 class BenchResult:
     """One model at one batch size. ``peak_rss_mb`` is the process's peak resident memory
     while that session was created and warmed up at this batch size (the high-water mark is
-    reset first where Linux allows); ``ratio_p50`` is p50 over the first model's p50."""
+    reset first where Linux allows); ``ratio_p50`` is p50 over the first model's p50.
+    ``spread`` is p90/p10: near 1 on a quiet machine, above :data:`BUSY_SPREAD` on a busy one."""
 
     model: str
     provider: str
     batch_size: int
+    p10_ms: float
     p50_ms: float
     p90_ms: float
     p99_ms: float
     mean_ms: float
     min_ms: float
+    spread: float
     throughput_ips: float
     session_s: float
     peak_rss_mb: float
@@ -102,6 +105,23 @@ class BenchResult:
         return dataclasses.asdict(self)
 
 
+# p90/p10 above this in any row: other work shared the cores while timing, so absolute
+# figures are not comparable between runs (FP32 batch 1 read 4.85 ms in one run and 16.06 ms
+# minutes later on a shared 2-core machine); the interleaved ratios still are.
+BUSY_SPREAD = 1.5
+
+
+def busy_warning(results: Sequence[BenchResult]) -> str | None:
+    """One line when any row's p90/p10 exceeds :data:`BUSY_SPREAD`, naming the worst row."""
+    busy = [r for r in results if r.spread > BUSY_SPREAD]
+    if not busy:
+        return None
+    worst = max(busy, key=lambda r: r.spread)
+    return (f"machine busy: compare ratios only (p90/p10 {worst.spread:.2f} for "
+            f"{Path(worst.model).name} at batch {worst.batch_size}, {len(busy)} of "
+            f"{len(results)} rows above {BUSY_SPREAD:g})")
+
+
 @dataclass(frozen=True)
 class BenchReport:
     machine: dict[str, Any]
@@ -109,9 +129,14 @@ class BenchReport:
     options: BenchOptions
     notes: tuple[str, ...] = ()
 
+    @property
+    def busy(self) -> str | None:
+        return busy_warning(self.results)
+
     def to_dict(self) -> dict[str, Any]:
         return {"machine": self.machine, "results": [r.to_dict() for r in self.results],
-                "options": self.options.to_dict(), "notes": list(self.notes)}
+                "options": self.options.to_dict(), "notes": list(self.notes),
+                "busy": self.busy}
 
 
 # --- memory and machine ----------------------------------------------------------------
@@ -271,24 +296,6 @@ class Target:
     state: dict[str, Any] = field(default_factory=dict)
 
 
-def _model_shape(path: Path, meta: ModelMetadata | None,
-                 session: ort.InferenceSession) -> tuple[int, int | None, Any]:
-    """Input size, static batch (None when dynamic) and input dtype of a model."""
-    inp = session.get_inputs()[0]
-    shape = list(inp.shape)
-    if len(shape) != 4:
-        raise UserError(f"{path}: input {inp.name!r} has shape {shape}; bench needs NCHW")
-    if isinstance(shape[2], int) and isinstance(shape[3], int):
-        size = int(shape[2])
-    elif meta is not None:
-        size = meta.preprocess.input_size
-    else:
-        raise UserError(f"{path}: has a dynamic input size and no resnet-deploy metadata; "
-                        "export it with 'resnet-deploy export'")
-    static = int(shape[0]) if isinstance(shape[0], int) else None
-    return size, static, _numpy_dtype(inp.type)
-
-
 class _Sessions:
     """Creates sessions with the shared strict-provider logic and measures their cost."""
 
@@ -317,7 +324,8 @@ def _onnx_target(path: Path, options: BenchOptions, sessions: _Sessions) -> Targ
     file.warn_if_wrong_cpu(sessions.provider)
     meta, precision = file.meta, file.precision
     session, seconds = sessions.create(path, precision)
-    size, static, dtype = _model_shape(path, meta, session)
+    size = file.io.height or file.spec().input_size
+    static, dtype = file.io.batch, np.float32  # ModelFile.read checked: float32 NCHW
     device = "cpu" if sessions.provider == PROVIDERS["cpu"] else "cuda"
 
     def make_runner(batch: np.ndarray) -> Runner:
@@ -349,43 +357,18 @@ def _placement(target: Target, sessions: _Sessions, batch: np.ndarray) -> dict[s
     return node_placement(session)
 
 
-def torch_weights_for(meta: ModelMetadata | None, requested: str | None) -> tuple[str, str | None]:
-    """The weights for the torch baseline, and a note when they are not the model's own.
-
-    Default: the first model's recorded source when it is ``imagenet`` or an existing file;
-    ``random`` (same class count) otherwise, which is fine for timing but said out loud.
-    """
-    if requested:
-        return requested, None
-    weights = (meta.weights if meta is not None else {}) or {}
-    source = str(weights.get("source") or "")
-    if source == "imagenet" or (source and source != "random" and Path(source).is_file()):
-        return source, None
-    if source == "random":
-        return "random", (f"torch baseline: random weights (seed {weights.get('seed', 0)}), "
-                          "as recorded in the first model; same architecture, timing only")
-    why = f"its weights file {source} is not here" if source else "it records no weights"
-    return "random", (f"torch baseline: random weights, because the first model's metadata "
-                      f"has no usable weights source ({why}); same architecture, timing only")
-
-
 def _torch_target(meta: ModelMetadata | None, size: int, options: BenchOptions,
                   provider: str) -> tuple[Target, str | None]:
     import torch
 
-    from .model import load_model
+    from .model import load_for
 
-    weights, note = torch_weights_for(meta, options.torch_weights)
-    num_classes = None
-    seed = 0
-    if weights == "random" and meta is not None:
-        num_classes = meta.weights.get("num_classes")
-        seed = int(meta.weights.get("seed") or 0)
     device = "cuda" if provider != PROVIDERS["cpu"] and torch.cuda.is_available() else "cpu"
     if options.threads:
         torch.set_num_threads(options.threads)
     start = time.perf_counter()
-    module, _ = load_model(weights, num_classes=num_classes, seed=seed)
+    module, _, note = load_for(meta.weights if meta is not None else None,
+                               options.torch_weights)
     module = module.eval().to(device).to(memory_format=torch.channels_last)
     seconds = time.perf_counter() - start
     target = Target(label=TORCH_MODEL, provider=f"torch-{device}", precision="fp32",
@@ -397,12 +380,24 @@ def _torch_target(meta: ModelMetadata | None, size: int, options: BenchOptions,
 
 # --- the measurement ---------------------------------------------------------------------
 
+class Progress(Protocol):
+    """Where progress goes: ``transient`` lines (counts and time left while timing) may be
+    overwritten by the next line; the others are kept."""
+
+    def __call__(self, message: str, *, transient: bool = False) -> None: ...
+
+
+def _log_progress(message: str, *, transient: bool = False) -> None:
+    log.log(logging.DEBUG if transient else logging.INFO, "%s", message)
+
+
 def _summary(samples_ns: Sequence[int], batch: int) -> dict[str, float]:
     ms = np.asarray(samples_ns, dtype=np.float64) / 1e6
-    p50, p90, p99 = np.percentile(ms, [50, 90, 99])
-    return {"p50_ms": round(float(p50), 4), "p90_ms": round(float(p90), 4),
+    p10, p50, p90, p99 = np.percentile(ms, [10, 50, 90, 99])
+    return {"p10_ms": round(float(p10), 4), "p50_ms": round(float(p50), 4),
+            "p90_ms": round(float(p90), 4),
             "p99_ms": round(float(p99), 4), "mean_ms": round(float(ms.mean()), 4),
-            "min_ms": round(float(ms.min()), 4),
+            "min_ms": round(float(ms.min()), 4), "spread": round(float(p90 / p10), 3),
             # images per second at the median latency: robust to the noisy tail.
             "throughput_ips": round(batch * 1000.0 / float(p50), 2)}
 
@@ -428,7 +423,7 @@ def _check_options(options: BenchOptions, provider: str) -> None:
 
 
 def run_bench(models: Sequence[str | Path], options: BenchOptions = BenchOptions(), *,
-              progress: Callable[[str], None] | None = None) -> BenchReport:
+              progress: Progress | None = None) -> BenchReport:
     """Benchmark ``models`` (and the torch baseline) at each batch size, interleaved.
 
     Raises ProviderUnavailable (exit 2) when the provider cannot really be used, exactly as
@@ -444,7 +439,7 @@ def run_bench(models: Sequence[str | Path], options: BenchOptions = BenchOptions
                                   settle_s=settle)
     _check_options(options, provider)
     sessions = _Sessions(options, provider)
-    say = progress or (lambda message: log.info("%s", message))
+    say = progress or _log_progress
     notes: list[str] = []
 
     targets: list[Target] = []
@@ -484,8 +479,12 @@ def run_bench(models: Sequence[str | Path], options: BenchOptions = BenchOptions
                 notes.append(note)
                 log.warning("%s", note)
 
+    note = fp16_on_cpu_note(targets, options.provider)
+    if note:
+        notes.append(note)
+
     results: list[BenchResult] = []
-    for batch in options.batch_sizes:
+    for step, batch in enumerate(options.batch_sizes, 1):
         say(f"batch {batch}: warm-up")
         runners: list[Runner] = []
         for index, target in enumerate(targets):
@@ -500,7 +499,9 @@ def run_bench(models: Sequence[str | Path], options: BenchOptions = BenchOptions
             created = target.state.pop("creation_rss_mb", 0.0)
             rss[index, batch] = max(created, peak_rss_mb())
             runners.append(runner)
-        samples = _interleave(runners, options, say, batch)
+        samples = _interleave(runners, options, say, batch,
+                              f" ({step} of {len(options.batch_sizes)})"
+                              if len(options.batch_sizes) > 1 else "")
         for index, (target, timed) in enumerate(zip(targets, samples)):
             results.append(BenchResult(
                 model=target.label, provider=target.provider, batch_size=batch,
@@ -514,12 +515,29 @@ def run_bench(models: Sequence[str | Path], options: BenchOptions = BenchOptions
                        options=options, notes=tuple(notes))
 
 
-def _interleave(runners: Sequence[Runner], options: BenchOptions,
-                say: Callable[[str], None], batch: int) -> list[list[int]]:
+def fp16_on_cpu_note(targets: Sequence[Target], provider: str) -> str | None:
+    """FP16 is a GPU format: on CPU, ONNX Runtime has few FP16 kernels, so it wraps most
+    nodes in Casts (79 nodes against FP32's 25 for ResNet-18) and runs no faster."""
+    half = [t for t in targets if t.precision == "fp16"]
+    if provider != "cpu" or not half:
+        return None
+    counts = [f"{Path(t.label).name} {sum(t.placement.values())} nodes" for t in half
+              if t.placement]
+    full = [t for t in targets if t.precision == "fp32" and t.placement]
+    if counts and full:
+        counts.append(f"FP32 {sum(full[0].placement.values())}")
+    return ("FP16 is a GPU format: ONNX Runtime's CPU provider runs it through Casts"
+            f"{' (' + ', '.join(counts) + ')' if counts else ''}, so expect no gain over "
+            "FP32 on CPU; time it with --provider cuda or tensorrt")
+
+
+def _interleave(runners: Sequence[Runner], options: BenchOptions, say: Progress,
+                batch: int, which: str = "") -> list[list[int]]:
     """Round-robin: each round gives every runner ``block`` iterations, order rotated.
 
     Every runner gets the same number of iterations; with ``duration_s`` rounds continue
-    until the timed total reaches ``duration_s`` per runner on average.
+    until the timed total reaches ``duration_s`` per runner on average. After each block,
+    ``say`` gets a transient line with the count so far and the time left.
     """
     samples: list[list[int]] = [[] for _ in runners]
     count = len(runners)
@@ -527,7 +545,7 @@ def _interleave(runners: Sequence[Runner], options: BenchOptions,
     settle = options.settle_s or 0.0
     spent = 0
     rounds = 0
-    say(f"batch {batch}: timing {count} targets round-robin")
+    started = time.monotonic()
     while True:
         if budget_ns is None:
             remaining = options.iterations - len(samples[0])
@@ -546,8 +564,22 @@ def _interleave(runners: Sequence[Runner], options: BenchOptions,
                 elapsed = runners[index].timed_ns()
                 samples[index].append(elapsed)
                 spent += elapsed
+            done = sum(map(len, samples))
+            fraction = (done / (options.iterations * count) if budget_ns is None
+                        else min(spent / budget_ns, 1.0))
+            say(f"batch {batch}{which}: {done}"
+                f"{f'/{options.iterations * count}' if budget_ns is None else ''} timed runs "
+                f"of {count} models, {_eta(time.monotonic() - started, fraction)}",
+                transient=True)
         rounds += 1
     return samples
+
+
+def _eta(elapsed_s: float, fraction: float) -> str:
+    if fraction <= 0:
+        return "time left unknown"
+    left = elapsed_s * (1 - fraction) / fraction
+    return f"about {left:.0f} s left" if left >= 1 else "under 1 s left"
 
 
 def _with_ratios(results: Sequence[BenchResult]) -> list[BenchResult]:
@@ -558,23 +590,3 @@ def _with_ratios(results: Sequence[BenchResult]) -> list[BenchResult]:
         base = first.setdefault(result.batch_size, result.p50_ms)
         out.append(dataclasses.replace(result, ratio_p50=round(result.p50_ms / base, 4)))
     return out
-
-
-TABLE_COLUMNS = [("model", "model"), ("provider", "provider"), ("precision", "prec"),
-                 ("batch_size", "batch"), ("p50_ms", "p50 ms"), ("p90_ms", "p90 ms"),
-                 ("p99_ms", "p99 ms"), ("mean_ms", "mean ms"), ("min_ms", "min ms"),
-                 ("throughput_ips", "img/s"), ("ratio_p50", "p50 x first"),
-                 ("session_s", "session s"), ("peak_rss_mb", "peak RSS MB"),
-                 ("placement_text", "placement")]
-
-
-def table_rows(report: BenchReport) -> list[dict[str, Any]]:
-    """Result rows flattened for tables: placement becomes ``cpu:49`` text."""
-    rows = []
-    for result in report.results:
-        row = result.to_dict()
-        placement = result.placement
-        row["placement_text"] = ("-" if placement is None else
-                                 " ".join(f"{k}:{v}" for k, v in sorted(placement.items())))
-        rows.append(row)
-    return rows

@@ -19,11 +19,12 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from . import layers
 from .calibration import (DEFAULT_BATCH, DEFAULT_NUM_SAMPLES, ImageFolderReader,
                           LabelledImages, hits, labelled_images, read_images)
 from .choices import METHODS, QUANT_TYPES, TARGETS, Method, QuantType, Target
@@ -31,14 +32,9 @@ from .errors import CheckFailed, UserError
 from .files import atomic_output
 from .metrics import TOLERANCES, CheckResult, compare, round_sig
 from .model import file_sha256
-from .preprocess import (ModelMetadata, PreprocessSpec, list_images, load_onnx,
-                         metadata_from_proto, resolve_spec, seeded_subset, write_metadata)
 from .machine import cpu_info, saturates
-from .runtime import (OrtBackend, SessionConfig, int8_weight_peak,
-                      model_precision, run_batched)
-
-if TYPE_CHECKING:
-    import onnx
+from .preprocess import ModelMetadata, PreprocessSpec, list_images, seeded_subset, write_metadata
+from .runtime import ModelFile, OrtBackend, SessionConfig, int8_weight_peak, run_batched
 
 log = logging.getLogger(__name__)
 
@@ -227,6 +223,7 @@ class QuantizeResult:
     steps: tuple[FallbackStep, ...] = ()
     fallback_nodes: tuple[str, ...] = ()
     target_met: bool | None = None
+    layers: dict[str, str] = dataclasses.field(default_factory=dict)  # node -> PyTorch module
 
     @property
     def size_ratio(self) -> float:
@@ -361,16 +358,25 @@ class _EvalSet:
 
 
 def _eval_set(reader: ImageFolderReader, spec: PreprocessSpec, options: QuantizeOptions,
-              labels: list[str] | None) -> _EvalSet:
-    """The held-out images: --eval-images, else calibration photos calibration did not use."""
+              file: ModelFile) -> _EvalSet:
+    """The held-out images: --eval-images, else calibration photos calibration did not use.
+
+    An --eval-images ImageFolder gives top-1 only when its folders map to the model's
+    classes; otherwise --max-top1-drop is an error, and a plain check uses the photos alone.
+    """
     labelled: LabelledImages | None = None
+    labels, classes = (file.meta.labels if file.meta else None), file.io.classes
     if options.eval_images is not None:
         try:
             labelled = labelled_images(options.eval_images)
+            labelled.class_indices(labels, classes)
             paths = list(labelled.paths)
-        except UserError:
+        except UserError as exc:
             if options.max_top1_drop is not None:
                 raise
+            if labelled is not None:
+                log.warning("%s; checking INT8 against FP32 on these images without top-1", exc)
+                labelled = None
             paths = list_images(options.eval_images)
         source = str(options.eval_images)
         if not paths:
@@ -380,7 +386,7 @@ def _eval_set(reader: ImageFolderReader, spec: PreprocessSpec, options: Quantize
     inputs, used = read_images(_bounded(paths, spec, options.seed), spec,
                                strict=options.strict, progress=options.progress,
                                what="held-out images")
-    targets = labelled.targets(used, labels)[0] if labelled is not None else None
+    targets = labelled.targets(used, labels, classes)[0] if labelled is not None else None
     return _EvalSet(inputs, targets, f"{len(used)} images from {source}")
 
 
@@ -482,16 +488,14 @@ def keep_sensitive_in_fp32(pre: Path, cache: Path, int8: Path, settings: QuantSe
     return FallbackOutcome(tuple(table), tuple(steps), nodes, met, logits)
 
 
-def _metadata(proto: onnx.ModelProto, meta: ModelMetadata | None,
-              spec: PreprocessSpec) -> ModelMetadata:
+def _metadata(file: ModelFile, spec: PreprocessSpec) -> ModelMetadata:
     """The FP32 record (with the spec actually used), or a minimal one for a foreign model."""
-    if meta is not None:
-        return dataclasses.replace(meta, preprocess=spec)
+    if file.meta is not None:
+        return dataclasses.replace(file.meta, preprocess=spec)
     import onnxruntime
 
-    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
     return ModelMetadata(preprocess=spec, labels=None, weights={"source": "unknown"},
-                         exporter="unknown", opset=opset,
+                         exporter="unknown", opset=file.opset,
                          versions={"onnxruntime": onnxruntime.__version__})
 
 
@@ -527,13 +531,11 @@ def quantize(model: str | Path, calibration: str | Path, output: str | Path | No
     output = Path(output) if output is not None else default_output(model)
     if output.resolve() == model.resolve():
         raise UserError(f"{output}: the output would overwrite the FP32 input; choose another -o")
-    proto = load_onnx(model)
-    precision = model_precision(proto)
-    if precision != "fp32":
-        raise UserError(f"{model}: is already {precision.upper()}; pass the FP32 model it was "
-                        "made from (quantizing from FP16 or INT8 would compound the rounding)")
-    meta = metadata_from_proto(proto)
-    spec = resolve_spec(meta, options.spec, model)
+    file = ModelFile.read(model)
+    if file.precision != "fp32":
+        raise UserError(f"{model}: is already {file.precision.upper()}; pass the FP32 model it "
+                        "was made from (quantizing from FP16 or INT8 would compound the rounding)")
+    spec = file.spec(options.spec)
     settings = options.settings()
     seconds: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="rd-quant-") as tmp, \
@@ -544,15 +546,18 @@ def quantize(model: str | Path, calibration: str | Path, output: str | Path | No
         preprocess_for_quantization(model, pre)
         pre_proto = onnx.load(str(pre), load_external_data=False)
         op_types = {n.name: n.op_type for n in pre_proto.graph.node}
-        unknown = sorted(set(options.exclude) - set(op_types))
+        names = layers.for_model(pre_proto, file.meta)
+        excluded, unknown = layers.resolve(options.exclude, op_types, names)
         if unknown:
-            sample = ", ".join(n for n, t in op_types.items() if t in SENSITIVE_OPS)
-            raise UserError(f"--exclude {unknown[0]}: no such node in {model} (Conv/Gemm "
-                            f"nodes: {sample[:300]})")
+            sample = ", ".join(layers.display(n, names)
+                               for n, t in op_types.items() if t in SENSITIVE_OPS)
+            raise UserError(f"--exclude {unknown[0]}: no such node or PyTorch module in "
+                            f"{model} (Conv/Gemm layers: {sample[:400]})")
+        options = dataclasses.replace(options, exclude=tuple(excluded))
         reader = ImageFolderReader.for_model(
             model, calibration, num_samples=options.num_samples, seed=options.seed,
             batch_size=options.batch_size, strict=options.strict, progress=options.progress,
-            spec=spec, proto=proto, hold_out=options.check and options.eval_images is None)
+            spec=spec, file=file, hold_out=options.check and options.eval_images is None)
         ranges = calibrate(pre, reader, settings, workdir)
         seconds["calibrate"] = time.perf_counter() - start
         from onnxruntime.quantization.calibrate import save_tensors_data
@@ -569,7 +574,7 @@ def quantize(model: str | Path, calibration: str | Path, output: str | Path | No
         cpu_note = simulated_check(settings)
         if options.check:
             start = time.perf_counter()
-            evalset = _eval_set(reader, spec, options, meta.labels if meta else None)
+            evalset = _eval_set(reader, spec, options, file)
             held_out = len(evalset.inputs)
             reference = _run(model, evalset.inputs, options.batch_size)
             logits = _run(int8, evalset.inputs, options.batch_size,
@@ -600,8 +605,11 @@ def quantize(model: str | Path, calibration: str | Path, output: str | Path | No
                        "cosine_p1": round_sig(check.comparison.cosine_p1),
                        "int8_path": cpu_info()["int8_path"]}),
         }
-        write_metadata(quantized, dataclasses.replace(_metadata(proto, meta, spec),
-                                                      quantization=quantization))
+        record = _metadata(file, spec)
+        if layers.METADATA_KEY not in record.extra:  # a foreign model: name its nodes now
+            record = dataclasses.replace(record, extra={**record.extra,
+                                                        layers.METADATA_KEY: names})
+        write_metadata(quantized, dataclasses.replace(record, quantization=quantization))
         onnx.save(quantized, str(out_tmp))
         result = QuantizeResult(
             input=str(model), output=str(output), settings=settings,
@@ -610,8 +618,10 @@ def quantize(model: str | Path, calibration: str | Path, output: str | Path | No
             seconds={k: round(v, 3) for k, v in seconds.items()},
             fp32_bytes=model.stat().st_size, int8_bytes=out_tmp.stat().st_size,
             check=check, check_note=note, held_out=held_out, notes=notes, accuracy=accuracy,
-            sensitivity=tuple(fallback.table), steps=tuple(fallback.steps),
-            fallback_nodes=tuple(fallback.nodes), target_met=fallback.met)
+            sensitivity=tuple({**row, "module": names.get(row["node"])}
+                              for row in fallback.table),
+            steps=tuple(fallback.steps), fallback_nodes=tuple(fallback.nodes),
+            target_met=fallback.met, layers=names)
         if fallback.met is False:
             raise CheckFailed(
                 f"INT8 top-1 drops {fallback.steps[-1].drop_pt:.2f} pt (> --max-top1-drop "

@@ -4,48 +4,136 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import date
 from pathlib import Path
-from typing import Any
-from collections.abc import Sequence
+from typing import Any, Literal
 
 from .errors import UserError
 from .files import atomic_output, write_text
 
 
-def _cell(value: Any) -> str:
+# One style for every number a command prints (JSON keeps the full values):
+#   share   accuracy and agreement, a fraction shown as a percentage with 2 decimals: 99.46%
+#   points  a difference of two percentages, in points, with the same 2 decimals: 0.12
+#   error   differences and tolerances, 3 significant figures: 0.0409, 9.80e-07
+#   ms      latency, 3 significant figures: 1.70, 24.1
+#   cosine  6 decimals, so 0.999 (the FP16 floor) and 0.9989 never print alike: 0.999305
+#   ratio   3 significant figures and an x: 0.353x
+#   number  other measured quantities (images/s, seconds, MB), 3 significant figures
+Kind = Literal["text", "int", "share", "points", "error", "ms", "cosine", "ratio",
+               "number"]
+SHARE_DECIMALS = 2
+SIGNIFICANT = 3
+
+
+def share(value: float) -> str:
+    """A fraction as a percentage with a fixed number of decimals: 0.9946 -> ``99.46%``."""
+    return f"{value * 100:.{SHARE_DECIMALS}f}%"
+
+
+def significant(value: float, digits: int = SIGNIFICANT) -> str:
+    """``digits`` significant figures, trailing zeros kept; scientific only when tiny or huge.
+
+    Integers above the precision keep all their digits (1663, not 1.66e+03).
+    """
+    if not math.isfinite(value):
+        return str(value)
+    if value == 0:
+        return "0"
+    magnitude = math.floor(math.log10(abs(value)))
+    if magnitude < -3 or magnitude >= 6:
+        return f"{value:.{digits - 1}e}"
+    text = f"{value:.{max(0, digits - 1 - magnitude)}f}"
+    # Rounding can carry into a new digit (9.996 -> 10.00): format the rounded value again.
+    rounded = float(text)
+    if rounded and math.floor(math.log10(abs(rounded))) != magnitude:
+        return significant(rounded, digits)
+    return text
+
+
+def cosine(value: float) -> str:
+    return f"{value:.6f}"
+
+
+def ratio(value: float) -> str:
+    return f"{significant(value)}x"
+
+
+_FORMATS: dict[str, Callable[[float], str]] = {
+    "share": share, "points": lambda v: f"{v:.{SHARE_DECIMALS}f}", "error": significant,
+    "ms": significant, "cosine": cosine,
+    "ratio": ratio, "number": significant, "int": lambda v: str(int(v)),
+}
+
+
+@dataclass(frozen=True)
+class Column:
+    """One table column: the row key, its header, how its numbers look (``kind``), and what
+    it means when the header alone does not say (shown in the table's footer)."""
+
+    key: str
+    header: str
+    kind: Kind = "text"
+    means: str = ""
+
+
+def cell(value: Any, kind: Kind = "text") -> str:
+    if value is None:
+        return "-"
     if isinstance(value, bool):
         return "yes" if value else "no"
-    if isinstance(value, float):
-        if math.isnan(value):
+    if isinstance(value, (int, float)) and kind in _FORMATS:
+        if isinstance(value, float) and math.isnan(value):
             return "nan"
-        if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e6):
-            return f"{value:.3e}"
-        if abs(value) < 1:
-            return f"{value:.6g}"  # cosines and agreements need their digits
-        return f"{value:.2f}" if abs(value) < 100 else f"{value:.1f}"
-    return "-" if value is None else str(value)
+        return _FORMATS[kind](value)
+    if isinstance(value, float):
+        return significant(value)
+    return str(value)
 
 
-def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
-    """``columns`` is (key, header) pairs; numbers right-aligned, text left-aligned."""
-    cells = [[_cell(row.get(key)) for key, _ in columns] for row in rows]
-    headers = [header for _, header in columns]
+def _columns(columns: Sequence[Column | tuple[str, str]]) -> list[Column]:
+    return [c if isinstance(c, Column) else Column(*c) for c in columns]
+
+
+def footer(columns: Sequence[Column | tuple[str, str]]) -> str:
+    """One line explaining every column whose header is not self-evident ("" when none)."""
+    parts = [f"{c.header} = {c.means}" for c in _columns(columns) if c.means]
+    return ("columns: " + "; ".join(parts)) if parts else ""
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[Column | tuple[str, str]],
+                 *, explain: bool = True) -> str:
+    """A plain-text table: numbers right-aligned, text left-aligned, then the footer line.
+
+    ``columns`` are :class:`Column` specs (plain ``(key, header)`` pairs are text columns).
+    """
+    cols = _columns(columns)
+    cells = [[cell(row.get(c.key), c.kind) for c in cols] for row in rows]
+    headers = [c.header for c in cols]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
-    numeric = [all(isinstance(row.get(key), (int, float)) and not isinstance(row.get(key), bool)
-                   for row in rows) for key, _ in columns]
+    numeric = [all(isinstance(row.get(c.key), (int, float)) and not isinstance(row.get(c.key), bool)
+                   for row in rows) for c in cols]
 
     def line(values: Sequence[str]) -> str:
         return "  ".join(v.rjust(w) if num else v.ljust(w)
-                         for v, w, num in zip(values, widths, numeric)).rstrip()
+                         for v, w, num in zip(values, widths, numeric, strict=True)).rstrip()
 
-    return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, cells)])
+    lines = [line(headers), line(["-" * w for w in widths]), *map(line, cells)]
+    note = footer(cols) if explain else ""
+    return "\n".join(lines + ([note] if note else []))
 
 
-def format_markdown(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
-    head = "| " + " | ".join(h for _, h in columns) + " |"
-    rule = "|" + "|".join("---" for _ in columns) + "|"
-    body = ["| " + " | ".join(_cell(row.get(k)) for k, _ in columns) + " |" for row in rows]
-    return "\n".join([head, rule, *body]) + "\n"
+def format_markdown(rows: Sequence[dict[str, Any]],
+                    columns: Sequence[Column | tuple[str, str]]) -> str:
+    """The same table in Markdown, its footer as a paragraph below it."""
+    cols = _columns(columns)
+    head = "| " + " | ".join(c.header for c in cols) + " |"
+    rule = "|" + "|".join("---" for _ in cols) + "|"
+    body = ["| " + " | ".join(cell(row.get(c.key), c.kind) for c in cols) + " |" for row in rows]
+    note = footer(cols)
+    return "\n".join([head, rule, *body]) + "\n" + (f"\n{note}\n" if note else "")
 
 
 def write_json(path: str | Path, data: Any) -> None:
@@ -64,11 +152,14 @@ def require_matplotlib() -> None:
                         f"{PLOT_INSTALL_HINT}") from None
 
 
-def plot_bench(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
-    """PNG: p50 latency against batch size (left), throughput bars per batch size (right).
+def plot_bench(rows: Sequence[dict[str, Any]], path: str | Path, *,
+               machine: dict[str, Any] | None = None, when: date | None = None) -> None:
+    """PNG: p50 latency against batch size (left), throughput per batch size (right).
 
-    ``rows`` are bench results (``model``, ``provider``, ``batch_size``, ``p50_ms``,
-    ``throughput_ips``); one line and one bar colour per model@provider.
+    ``rows`` are bench results (``model``, ``provider``, ``batch_size``, ``p10_ms``,
+    ``p50_ms``, ``p90_ms``, ``throughput_ips``); one line and one bar colour per
+    model@provider. Error bars span p10 to p90 (and the throughput those latencies give),
+    so a busy machine shows as long bars; the title names the CPU, its int8 path and the date.
     """
     require_matplotlib()
     import matplotlib
@@ -77,28 +168,44 @@ def plot_bench(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
+    from .machine import describe
+
     path = Path(path)
     labels = list(dict.fromkeys(f"{Path(r['model']).name}@{r['provider']}" for r in rows))
     batches = sorted({int(r["batch_size"]) for r in rows})
     by_key = {(f"{Path(r['model']).name}@{r['provider']}", int(r["batch_size"])): r for r in rows}
-    fig, (lat, thr) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (lat, thr) = plt.subplots(1, 2, figsize=(12, 5))
     width = 0.8 / max(len(labels), 1)
     for i, label in enumerate(labels):
         xs = [b for b in batches if (label, b) in by_key]
-        lat.plot(xs, [by_key[label, b]["p50_ms"] for b in xs], marker="o", label=label)
-        thr.bar([batches.index(b) + (i - (len(labels) - 1) / 2) * width for b in xs],
-                [by_key[label, b]["throughput_ips"] for b in xs], width=width, label=label)
-    lat.set(xlabel="batch size", ylabel="p50 latency (ms)", title="Latency")
+        picked = [by_key[label, b] for b in xs]
+        p50 = [r["p50_ms"] for r in picked]
+        low = [r["p50_ms"] - r.get("p10_ms", r["p50_ms"]) for r in picked]
+        high = [r["p90_ms"] - r["p50_ms"] for r in picked]
+        lat.errorbar(xs, p50, yerr=[low, high], marker="o", capsize=3, label=label)
+        ips = [r["throughput_ips"] for r in picked]
+        ips_low = [ips_ - b * 1000.0 / r["p90_ms"]
+                   for ips_, b, r in zip(ips, xs, picked, strict=True)]
+        ips_high = [b * 1000.0 / r.get("p10_ms", r["p50_ms"]) - ips_
+                    for ips_, b, r in zip(ips, xs, picked, strict=True)]
+        thr.bar([batches.index(b) + (i - (len(labels) - 1) / 2) * width for b in xs], ips,
+                width=width, yerr=[ips_low, ips_high], capsize=3, label=label)
+    lat.set(xlabel="batch size", ylabel="latency per call, ms (p50; bars p10 to p90)",
+            title="Latency")
     if len(batches) > 1:
         lat.set_xscale("log", base=2)
         lat.set_yscale("log")
         lat.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     lat.set_xticks(batches, [str(b) for b in batches])
     lat.grid(True, alpha=0.3)
-    lat.legend(fontsize=8)
-    thr.set(xlabel="batch size", ylabel="images/s at p50", title="Throughput")
+    thr.set(xlabel="batch size", ylabel="images/s at p50 (bars: at p90 to p10)",
+            title="Throughput")
     thr.set_xticks(range(len(batches)), [str(b) for b in batches])
     thr.grid(True, axis="y", alpha=0.3)
+    for axes in (lat, thr):
+        axes.legend(fontsize=8)
+    fig.suptitle(f"{describe(machine) if machine else describe()}; "
+                 f"{(when or date.today()).isoformat()}", fontsize=10)
     fig.tight_layout()
     try:
         with atomic_output(path, suffix=".png") as tmp:

@@ -43,6 +43,17 @@ def test_export_both_exporters(tmp_path: Path, exporter: str) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "m.onnx"]  # no sidecar
     meta = read_metadata(out)
     assert meta.exporter == exporter and meta.preprocess.input_size == 64
+    assert meta.labels is None and "labels: none: outputs are class indices" in result.output
+    # Every Conv and Gemm is named after its PyTorch module, read from the graph.
+    graph = onnx.load(str(out)).graph
+    layers = meta.extra["layers"]
+    named = {layers[n.name] for n in graph.node if n.op_type in ("Conv", "Gemm")}
+    assert len(named) == 21 and {"conv1", "layer3.1.conv2", "layer2.0.downsample.0",
+                                 "fc"} <= named
+    assert data["layers"] == len(layers)
+    if data["nodes_before"] == data["nodes_after"]:
+        assert (f"simplifier: onnxsim: unchanged ({data['nodes_after']} nodes): the exporter "
+                "had already folded BatchNorm") in result.output
     # The dynamic axis really works in ORT at a batch size never seen at export.
     x = np.random.default_rng(0).standard_normal((5, 3, 64, 64), dtype=np.float32)
     assert OrtBackend(out).infer(x).shape == (5, 10)
@@ -70,6 +81,76 @@ def test_labels_and_custom_normalisation(tmp_path: Path) -> None:
     meta = read_metadata(out)
     assert meta.labels == ["cat", "dog"]
     assert meta.preprocess.resize_size == 40 and meta.preprocess.std == (0.25, 0.25, 0.25)
+
+
+def test_simplifier_line_says_what_happened() -> None:
+    from types import SimpleNamespace
+
+    from resnet_deploy.cli.export import simplifier_line
+
+    def line(**kw: object) -> str:
+        base = dict(simplifier="onnxsim", nodes_before=49, nodes_after=49, batchnorm_nodes=0,
+                    constants_folded=0)
+        return simplifier_line(SimpleNamespace(**{**base, **kw}))
+
+    assert line() == "onnxsim: unchanged (49 nodes): the exporter had already folded BatchNorm"
+    assert line(batchnorm_nodes=20) == "onnxsim: unchanged (49 nodes)"
+    assert line(nodes_before=69, constants_folded=3) == \
+        "onnxsim: 69 -> 49 nodes, 3 nodes folded into constants"
+
+
+def test_constants_folded_counts_nodes_now_initializers() -> None:
+    from onnx import helper, numpy_helper
+
+    from resnet_deploy.export import constants_folded
+
+    after = helper.make_graph([], "g", [], [], [
+        numpy_helper.from_array(np.zeros(2, np.float32), "shape_out")])
+    assert constants_folded([["shape_out"], ["y"]], helper.make_model(after)) == 1
+    assert constants_folded([["y"]], helper.make_model(after)) == 0
+
+
+def _checkpoint_with(folder: Path, num_classes: int, **files: str) -> Path:
+    """A random-init state_dict saved as a checkpoint, with files written beside it."""
+    from resnet_deploy.model import load_model
+
+    folder.mkdir()
+    model, _ = load_model("random", num_classes=num_classes)
+    torch.save(model.state_dict(), folder / "ft.pth")
+    for name, text in files.items():
+        (folder / name.replace("_", ".")).write_text(text)
+    return folder / "ft.pth"
+
+
+def test_labels_txt_beside_checkpoint_travel(tmp_path: Path) -> None:
+    ckpt = _checkpoint_with(tmp_path / "ck", 3, labels_txt="cat\ndog\nbird\n")
+    out = tmp_path / "m.onnx"
+    result = run("export", "--weights", ckpt, "--input-size", "32", "--exporter",
+                 "torchscript", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert read_metadata(out).labels == ["cat", "dog", "bird"]
+    assert f"labels: 3 class names from {ckpt.parent / 'labels.txt'}" in result.output
+
+
+def test_labels_option_wins_and_bad_lists_are_errors(tmp_path: Path) -> None:
+    card = json.dumps({"file": "ft.pth", "classes": ["a", "b"]})
+    ckpt = _checkpoint_with(tmp_path / "ck", 3, model_json=card)
+    out = tmp_path / "m.onnx"
+    result = run("export", "--weights", ckpt, "--input-size", "32", "-o", out)
+    assert result.exit_code == 2 and "model.json" in result.output
+    assert "lists 2 classes" in result.output and not out.exists()
+    labels = tmp_path / "names.txt"
+    labels.write_text("x\ny\nz\n")
+    result = run("export", "--weights", ckpt, "--input-size", "32", "--labels", labels,
+                 "--exporter", "torchscript", "-o", out)
+    assert result.exit_code == 0, result.output  # --labels wins: the card is not read
+    assert read_metadata(out).labels == ["x", "y", "z"]
+    assert f"labels: 3 class names from {labels} (--labels)" in result.output
+    (ckpt.parent / "model.json").write_text(json.dumps({"file": "other.pth", "classes": []}))
+    result = run("export", "--weights", ckpt, "--input-size", "32", "--exporter",
+                 "torchscript", "-o", out)
+    assert result.exit_code == 0, result.output  # a card for another checkpoint is ignored
+    assert read_metadata(out).labels is None
 
 
 def test_label_count_mismatch(tmp_path: Path) -> None:
@@ -171,5 +252,10 @@ def test_cifar_checkpoint_export_passes_parity_on_dev_images(shared_data: Path,
     parity = json.loads(report.read_text())["parity"]
     assert parity["top1_agreement"] == 1.0 and parity["passed"]
     assert "16 images from" in parity["inputs"]
-    assert read_metadata(out).weights["sha256"]
+    meta = read_metadata(out)
+    assert meta.weights["sha256"]
+    # The class names in model.json beside the checkpoint travel into the model.
+    card = CIFAR_CKPT.parent / "model.json"
+    assert meta.labels == json.loads(card.read_text())["classes"]
+    assert f'labels: 10 class names from {card} ("classes")' in result.output
 

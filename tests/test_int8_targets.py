@@ -20,7 +20,6 @@ from resnet_deploy import quantize as quantize_module
 from resnet_deploy import runtime
 from resnet_deploy.calibration import labelled_images, read_images
 from resnet_deploy.cli import main
-from resnet_deploy.machine import cpu_info
 from resnet_deploy.metrics import TOLERANCES, Tolerance, compare
 from resnet_deploy.preprocess import list_images, read_metadata
 from resnet_deploy.quantize import QuantizeOptions, quantize, simulated_check

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -80,6 +81,7 @@ def test_output_metadata_records_quantization(quantized: tuple[Path, dict], fp32
     assert meta is not None and source is not None
     assert meta.preprocess == source.preprocess and meta.labels == source.labels
     assert meta.weights == source.weights
+    assert meta.extra["layers"] == source.extra["layers"]  # layer names survive quantization
     q = meta.quantization
     assert q["fp32_sha256"] == file_sha256(fp32)
     assert q["method"] == "minmax" and q["format"] == "QDQ" and q["target"] == "cpu"
@@ -115,7 +117,8 @@ def test_cli_prints_the_check(fp32: Path, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert f"images: calibration 4 (percentile), check {PHOTOS - 4}" in result.output
     assert f"check, FP32 vs INT8 on {PHOTOS - 4} images" in result.output
-    assert "top-1 agree" in result.output and "of FP32" in result.output
+    assert "matches on top-1" in result.output and "of FP32" in result.output
+    assert "columns: matches on top-1 = images where FP32 and INT8 pick" in result.output
     assert read_metadata(out).quantization["calibrator"]["percentile"] == 99.999
 
 
@@ -164,16 +167,22 @@ def test_target_tensorrt_is_symmetric_int8(fp32: Path, tmp_path: Path) -> None:
 
 
 def test_accuracy_aware_fallback_is_reported_and_capped(fp32: Path, image_folder: Path,
-                                                        tmp_path: Path) -> None:
-    out, report = tmp_path / "aa.onnx", tmp_path / "aa.json"
-    # A negative drop is impossible to meet: every step runs, up to --max-fallback.
-    result = _invoke("quantize", "--model", fp32, "--calibration", CALIBRATION,
-                     "--num-samples", 8, "--eval-images", image_folder,
-                     "--max-top1-drop", -50, "--max-fallback", 2, "-o", out, "--json", report)
-    assert result.exit_code == 1
-    assert "FAILED: INT8 top-1 drops" in result.stderr and "was not written" in result.stderr
+                                                        tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    from resnet_deploy.cli.quantize import render_quantize
+    from resnet_deploy.errors import CheckFailed
+
+    out = tmp_path / "aa.onnx"
+    # A negative drop is impossible to meet (the CLI takes 0-100, so the library is called):
+    # every step runs, up to max_fallback.
+    with pytest.raises(CheckFailed) as failed:
+        quantize(fp32, CALIBRATION, out, options=QuantizeOptions(
+            num_samples=8, eval_images=image_folder, max_top1_drop=-50, max_fallback=2))
+    assert "INT8 top-1 drops" in str(failed.value) and "was not written" in str(failed.value)
     assert not out.exists()
-    data = json.loads(report.read_text())
+    render_quantize(failed.value.report)
+    result = SimpleNamespace(output=capsys.readouterr().out)
+    data = json.loads(json.dumps(failed.value.report.to_dict()))
     assert data["target_met"] is False
     steps = data["steps"]
     assert len(steps) == 3 and steps[0]["fp32_nodes"] == []
@@ -186,7 +195,12 @@ def test_accuracy_aware_fallback_is_reported_and_capped(fp32: Path, image_folder
     assert steps[2]["fp32_nodes"] == [table[0]["node"], table[1]["node"]]
     assert data["fallback_nodes"] == steps[2]["fp32_nodes"]
     assert data["accuracy"]["n"] == PHOTOS
-    assert "most sensitive nodes" in result.output and "accuracy-aware fallback" in result.output
+    assert "most sensitive layers" in result.output and "accuracy-aware fallback" in result.output
+    # Every node shown is named after its PyTorch module, as recorded at export.
+    layers = read_metadata(fp32).extra["layers"]
+    assert all(row["module"] == layers[row["node"]] for row in table)
+    first = f"{table[0]['module']} ({table[0]['node']})"
+    assert result.output.count(first) >= 3  # sensitivity, fallback step, target line
     assert "MISSED" in result.output
 
 
@@ -198,6 +212,19 @@ def test_accuracy_target_already_met_keeps_everything_int8(fp32: Path, image_fol
     assert result.target_met is True and result.fallback_nodes == ()
     assert len(result.steps) == 1 and result.sensitivity == ()
     assert out.is_file() and result.accuracy["n"] == PHOTOS
+
+
+def test_exclude_takes_a_module_or_a_node_name(fp32: Path, tmp_path: Path) -> None:
+    layers = read_metadata(fp32).extra["layers"]
+    node = next(n for n, module in layers.items() if module == "layer2.0.conv1")
+    for i, name in enumerate(("layer2.0.conv1", node)):
+        out = tmp_path / f"excluded{i}.onnx"
+        quantize(fp32, CALIBRATION, out, options=QuantizeOptions(
+            num_samples=4, exclude=(name,), check=False))
+        assert read_metadata(out).quantization["excluded"] == [node]
+        graph = onnx.load(str(out)).graph
+        kept = next(n for n in graph.node if n.name == node)
+        assert kept.input[1] in {i.name for i in graph.initializer}  # FP32 weight, no DQ
 
 
 def test_corrupt_model_is_exit_2_without_output(tmp_path: Path) -> None:
@@ -222,6 +249,7 @@ def test_model_without_metadata_needs_input_size(bare_onnx: Path, tmp_path: Path
     meta = read_metadata(tmp_path / "bare.int8.onnx")
     assert meta.preprocess.input_size == 64 and meta.quantization["fp32_sha256"] == \
         file_sha256(bare)
+    assert meta.extra["layers"]["/conv1/Conv"] == "conv1"  # derived from the graph itself
 
 
 @pytest.mark.parametrize("args, message", [

@@ -8,8 +8,11 @@ from typing import Any
 import click
 
 from ..errors import UserError
+from ..files import check_outputs
 from .app import main
 from .options import (
+    provider_option,
+    Finite,
     describe_machine,
     emit,
     json_option,
@@ -19,14 +22,19 @@ from .options import (
 )
 
 
+# A batch is allocated up front: 1024 images at 224 px are 0.6 GB, a typo of 100000 is 60 GB.
+MAX_BATCH = 1024
+
+
 def split_batch_sizes(value: str) -> tuple[int, ...]:
     try:
         sizes = tuple(int(v) for v in value.split(",") if v.strip())
     except ValueError:
         raise UserError(f"--batch-size {value!r}: give comma-separated integers, "
                         "e.g. 1,8,32") from None
-    if not sizes or min(sizes) < 1:
-        raise UserError(f"--batch-size {value!r}: give positive integers, e.g. 1,8,32")
+    if not sizes or min(sizes) < 1 or max(sizes) > MAX_BATCH:
+        raise UserError(f"--batch-size {value!r}: give integers from 1 to {MAX_BATCH}, "
+                        "e.g. 1,8,32")
     return tuple(dict.fromkeys(sizes))
 
 
@@ -34,15 +42,14 @@ def split_batch_sizes(value: str) -> tuple[int, ...]:
 @click.option("--model", "models", multiple=True, required=True,
               type=click.Path(dir_okay=False, path_type=Path),
               help="ONNX model to time (repeatable; ratios are to the first).")
-@click.option("--provider", default="cpu", show_default=True,
-              help="ORT provider: cpu, cuda or tensorrt (strict: no silent fallback).")
+@provider_option(single=True)
 @click.option("--batch-size", "batch_sizes", default="1", show_default=True,
               help="Comma-separated batch sizes, e.g. 1,8,32.")
 @click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True,
               help="Untimed iterations per model and batch size.")
 @click.option("--iterations", type=click.IntRange(min=1), default=None,
               help="Timed iterations per model and batch size (default 100).")
-@click.option("--duration", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--duration", type=Finite(min=0, min_open=True), default=None,
               help="Seconds per model and batch size instead of --iterations.")
 @click.option("--block", type=click.IntRange(min=1), default=5, show_default=True,
               help="Back-to-back iterations a model gets per round-robin round.")
@@ -59,13 +66,13 @@ def split_batch_sizes(value: str) -> tuple[int, ...]:
               help="TensorRT engine cache folder (default artifacts/trt_cache).")
 @click.option("--placement/--no-placement", default=True, show_default=True,
               help="Count nodes per provider in a separate short profiled session.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @json_option
 @click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False, path_type=Path),
               default=None, help="Also write the table as Markdown here.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path),
               default=None, help="Also draw latency and throughput to this PNG (matplotlib).")
-def bench(models: tuple[Path, ...], provider: str, batch_sizes: str, warmup: int,
+def bench(models: tuple[Path, ...], providers: tuple[str, ...], batch_sizes: str, warmup: int,
           iterations: int | None, duration: float | None, block: int, threads: int | None,
           torch_baseline: bool, weights: str | None, io_binding: bool, cuda_graph: bool,
           trt_cache: str | None, placement: bool, seed: int, json_path: Path | None,
@@ -83,6 +90,8 @@ def bench(models: tuple[Path, ...], provider: str, batch_sizes: str, warmup: int
       resnet-deploy bench --model a.onnx --provider cuda --io-binding --cuda-graph \\
           --batch-size 1,32,256 --json bench.json --markdown bench.md --plot bench.png
     """
+    check_outputs({"--json": json_path, "--markdown": markdown_path, "--plot": plot_path},
+                  models)
     from ..bench import BenchOptions, run_bench
 
     if iterations is not None and duration is not None:
@@ -92,32 +101,85 @@ def bench(models: tuple[Path, ...], provider: str, batch_sizes: str, warmup: int
 
         require_matplotlib()
     options = BenchOptions(
-        provider=provider, batch_sizes=split_batch_sizes(batch_sizes), warmup=warmup,
+        provider=providers[0], batch_sizes=split_batch_sizes(batch_sizes), warmup=warmup,
         iterations=iterations or 100, duration_s=duration, block=block, threads=threads,
         io_binding=io_binding, cuda_graph=cuda_graph, torch_baseline=torch_baseline,
         torch_weights=weights, placement=placement, trt_cache_dir=trt_cache, seed=seed)
-    say = (lambda message: click.echo(message, err=True)) if progress_enabled() else None
-    report = run_bench(list(models), options, progress=say)
+    say = _progress_line if progress_enabled() else None
+    try:
+        report = run_bench(list(models), options, progress=say)
+    finally:
+        if say is not None:
+            click.echo(CLEAR_LINE, err=True, nl=False)
     render_bench(report)
     write_json_if(json_path, report.to_dict())
     if markdown_path is not None:
-        from ..bench import TABLE_COLUMNS, table_rows
         from ..report import format_markdown, write_text
 
         machine = report.machine
         write_text(markdown_path, f"Machine: {describe_machine()}; onnxruntime "
                    f"{machine['versions']['onnxruntime']}\n\n"
-                   + format_markdown(table_rows(report), TABLE_COLUMNS))
+                   + format_markdown(table_rows(report), bench_columns(report)))
         emit(f"wrote {markdown_path}")
     if plot_path is not None:
         from ..report import plot_bench
 
-        plot_bench([r.to_dict() for r in report.results], plot_path)
+        plot_bench([r.to_dict() for r in report.results], plot_path, machine=report.machine)
         emit(f"wrote {plot_path}")
 
 
+CLEAR_LINE = "\r\x1b[K"  # back to the start of the line, erase it
+
+
+def _progress_line(message: str, *, transient: bool = False) -> None:
+    """Progress on a terminal's stderr: transient lines (counts, time left) overwrite each
+    other; the next kept line replaces the last of them."""
+    click.echo(CLEAR_LINE + message, err=True, nl=not transient)
+
+
+PROVIDER_NAMES = {"cpu": "CPU", "cuda": "CUDA", "tensorrt": "TensorRT"}
+
+
+def table_rows(report: Any) -> list[dict[str, Any]]:
+    """Result rows flattened for tables: the spread as ``p10-p90`` text, placement as
+    ``CPU 49`` (or ``CUDA 120, CPU 3``)."""
+    from ..report import significant
+
+    rows = []
+    for result in report.results:
+        row = result.to_dict()
+        row["spread_text"] = f"{significant(result.p10_ms)}-{significant(result.p90_ms)}"
+        placement = result.placement
+        row["placement_text"] = ("-" if placement is None else ", ".join(
+            f"{PROVIDER_NAMES.get(k, k)} {v}"
+            for k, v in sorted(placement.items(), key=lambda kv: -kv[1])))
+        rows.append(row)
+    return rows
+
+
+def bench_columns(report: Any) -> list[Any]:
+    from ..report import Column
+
+    first = Path(report.results[0].model).name if report.results else "the first model"
+    return [
+        Column("model", "model"), Column("provider", "provider"),
+        Column("precision", "precision"), Column("batch_size", "batch", "int"),
+        Column("p50_ms", "p50 ms", "ms", "median time of one call"),
+        Column("spread_text", "p10-p90 ms", means="the middle 80% of calls; a range wider "
+               "than 1.5x means other work shared the cores"),
+        Column("p99_ms", "p99 ms", "ms", "1 call in 100 is slower"),
+        Column("min_ms", "min ms", "ms"),
+        Column("throughput_ips", "images/s", "number", "batch / p50"),
+        Column("ratio_p50", "vs first", "ratio",
+               f"p50 relative to {first} at the same batch (below 1x is faster)"),
+        Column("session_s", "session s", "number", "time to create the session"),
+        Column("peak_rss_mb", "peak MB", "number",
+               "peak resident memory while loading and warming up"),
+        Column("placement_text", "nodes on", means="graph nodes each provider ran"),
+    ]
+
+
 def render_bench(report: Any) -> None:
-    from ..bench import TABLE_COLUMNS, table_rows
     from ..report import format_table
 
     machine = report.machine
@@ -128,8 +190,8 @@ def render_bench(report: Any) -> None:
     emit(f"{how} per model and batch after {options.warmup} warm-up, round-robin in blocks "
          f"of {options.block}{'; IO binding' if options.io_binding else ''}"
          f"{'; CUDA graph' if options.cuda_graph else ''}")
-    emit(format_table(table_rows(report), TABLE_COLUMNS))
-    first = report.results[0].model if report.results else "-"
-    emit(f"p50 x first: p50 latency relative to {first} at the same batch size")
+    emit(format_table(table_rows(report), bench_columns(report)))
     for note in report.notes:
         emit(f"note: {note}")
+    if report.busy:
+        click.echo(f"warning: {report.busy}", err=True)

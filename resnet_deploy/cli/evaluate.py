@@ -7,8 +7,10 @@ from typing import Any
 
 import click
 
+from ..files import check_outputs
 from .app import main
 from .options import (
+    provider_option,
     build_spec,
     describe_machine,
     emit,
@@ -25,15 +27,14 @@ from .options import (
               help="An ONNX model (repeat to compare models side by side).")
 @click.option("--images", type=click.Path(path_type=Path), required=True,
               help="An ImageFolder: one subfolder of images per class.")
-@click.option("--provider", default="cpu", show_default=True,
-              help="cpu, cuda or tensorrt (a missing provider is an error).")
+@provider_option(single=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--limit", type=click.IntRange(min=1), default=None,
               help="Evaluate a seeded random subset of this many images.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @preprocess_options()
 @json_option
-def evaluate(models: tuple[Path, ...], images: Path, provider: str, batch_size: int,
+def evaluate(models: tuple[Path, ...], images: Path, providers: tuple[str, ...], batch_size: int,
              limit: int | None, seed: int, input_size: int | None, resize_size: int | None,
              mean: Any, std: Any, json_path: Path | None) -> None:
     """Top-1/top-5 accuracy of one or more models on a labelled ImageFolder.
@@ -46,17 +47,35 @@ def evaluate(models: tuple[Path, ...], images: Path, provider: str, batch_size: 
       resnet-deploy evaluate --model artifacts/resnet18.onnx --images val/
       resnet-deploy evaluate --model m.onnx --model m.int8.onnx --images dev/ --json acc.json
     """
+    check_outputs({"--json": json_path}, [*models, images])
     from ..evaluate import EvaluateOptions
     from ..evaluate import evaluate as run_evaluate
-    from ..report import format_table
 
-    options = EvaluateOptions(provider=provider, batch_size=batch_size, limit=limit, seed=seed,
+    options = EvaluateOptions(provider=providers[0], batch_size=batch_size, limit=limit, seed=seed,
                               progress=progress_enabled(),
                               spec=build_spec(input_size, resize_size, mean, std))
     result = run_evaluate(models, images, options=options)
+    render_evaluate(result)
+    write_json_if(json_path, result.to_dict())
+
+
+# How each model's outputs were matched to the class folders, in words.
+MAPPINGS = {
+    "labels": "folder names matched to the model's labels",
+    "sorted": "folders in sorted order = output index (the model has no labels naming them)",
+}
+
+
+def render_evaluate(result: Any) -> None:
+    from ..report import Column, format_table
+
     emit(f"machine: {describe_machine()}")
     emit(f"{result.images}: {result.models[0].n} images, {result.classes} classes")
-    emit(format_table([m.to_dict() for m in result.models], [
-        ("model", "model"), ("precision", "prec"), ("provider", "provider"), ("n", "images"),
-        ("top1", "top-1"), ("top5", "top-5"), ("label_mapping", "classes by")]))
-    write_json_if(json_path, result.to_dict())
+    rows = [{**m.to_dict(), "mapping": MAPPINGS.get(m.label_mapping, m.label_mapping)}
+            for m in result.models]
+    emit(format_table(rows, [
+        Column("model", "model"), Column("precision", "precision"),
+        Column("provider", "provider"), Column("n", "images", "int"),
+        Column("top1", "top-1", "share", "images whose best class is the folder's class"),
+        Column("top5", "top-5", "share", "images whose folder's class is among the five best"),
+        Column("mapping", "classes matched by")]))

@@ -7,6 +7,9 @@ from typing import Any
 
 import click
 
+from ..choices import OPSETS
+from ..files import check_outputs
+from ..model import IMAGENET1K_V1
 from .app import main
 from .options import (
     DEFAULT_IMAGES,
@@ -32,14 +35,18 @@ from .options import (
               help="Class names, one per line (ImageNet's ship with --weights imagenet).")
 @click.option("--exporter", type=click.Choice(["dynamo", "torchscript"]), default="dynamo",
               show_default=True)
-@click.option("--opset", type=click.IntRange(min=13), default=18, show_default=True)
+@click.option("--opset", type=click.IntRange(min(lo for lo, _ in OPSETS.values()),
+                                             max(hi for _, hi in OPSETS.values())),
+              default=18, show_default=True,
+              help="ONNX opset: " + ", ".join(f"{e} {lo}-{hi}" for e, (lo, hi) in OPSETS.items())
+              + ".")
 @click.option("--dynamic-batch/--static-batch", default=True, show_default=True)
 @click.option("--simplify", type=click.Choice(["onnxsim", "onnxslim", "none"]),
               default="onnxsim", show_default=True)
 @click.option("--parity-images", type=click.Path(path_type=Path), default=DEFAULT_IMAGES,
               show_default=True, help="Images for the automatic parity check "
                                       "(seeded random inputs when the folder has none).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               default=DEFAULT_MODEL, show_default=True)
 @json_option
@@ -57,30 +64,62 @@ def export(weights: str, num_classes: int | None, input_size: int | None,
       resnet-deploy export --weights imagenet -o artifacts/resnet18.onnx
       resnet-deploy export --weights ft.pth --input-size 64 --resize-size 73 --json e.json
     """
+    low, high = OPSETS[exporter]
+    if not low <= opset <= high:
+        raise click.BadParameter(f"the {exporter} exporter writes opsets {low}-{high}; pass "
+                                 f"one of those or another --exporter", param_hint="'--opset'")
+    check_outputs({"-o": output, "--json": json_path},
+                  [labels, Path(weights) if Path(weights).is_file() else None])
+    label_names = read_labels(labels)
     from ..export import ExportOptions
     from ..export import export as run_export
     from ..model import load_model
 
-    model, loaded = load_model(weights, num_classes=num_classes, seed=seed)
-    random_banner(loaded)
-    spec = build_spec(input_size, resize_size, mean, std, default_size=224)
+    model, loaded = load_model(weights, num_classes=num_classes, seed=seed,
+                               find_labels=labels is None)
+    random_banner(loaded.is_random)
+    spec = build_spec(input_size, resize_size, mean, std, default=IMAGENET1K_V1)
     options = ExportOptions(exporter=exporter, opset=opset, dynamic_batch=dynamic_batch,
                             simplify=simplify, parity_images=parity_images, seed=seed)
-    show_result(lambda: run_export(model, loaded, spec, output, labels=read_labels(labels),
+    show_result(lambda: run_export(model, loaded, spec, output, labels=label_names,
+                                   labels_source=f"{labels} (--labels)" if labels else None,
                                    options=options), render_export, json_path)
 
 
+def simplifier_line(result: Any) -> str:
+    """What the simplifier did, in words: a count that did not change says why."""
+    if result.simplifier == "none":
+        return f"not simplified (--simplify none), {result.nodes_after} nodes"
+    if result.nodes_before == result.nodes_after:
+        why = (": the exporter had already folded BatchNorm"
+               if result.batchnorm_nodes == 0 else "")
+        change = f"unchanged ({result.nodes_after} nodes){why}"
+    else:
+        change = f"{result.nodes_before} -> {result.nodes_after} nodes"
+    if result.constants_folded:
+        change += f", {result.constants_folded} nodes folded into constants"
+    return f"{result.simplifier}: {change}"
+
+
 def render_export(result: Any) -> None:
-    from ..report import format_table
+    from ..report import Column, format_table
 
     emit(f"machine: {describe_machine()}")
     emit(f"{result.output}: {result.exporter} exporter, opset {result.opset}, "
-         f"{result.simplifier} simplified {result.nodes_before} -> {result.nodes_after} nodes, "
          f"{result.size_bytes / 1e6:.1f} MB; weights: {result.weights}")
+    emit(f"simplifier: {simplifier_line(result)}")
+    emit(f"labels: {result.labels_source}")
+    emit(f"layer names: {result.layers} of {result.nodes_after} nodes named after their "
+         "PyTorch module (recorded in the model)")
     emit("times: " + ", ".join(f"{k} {v:.2f}s" for k, v in result.seconds.items()))
     parity = result.parity
     emit(f"parity, PyTorch vs ORT CPU on {parity['inputs']} ({parity['tolerance']}):")
     emit(format_table(parity["rows"], [
-        ("batch_size", "batch"), ("max_abs_diff", "max abs diff"), ("min_atol", "min atol"),
-        ("cosine_min", "cosine min"), ("top1_agreement", "top-1 agree")]))
+        Column("batch_size", "batch", "int"),
+        Column("max_abs_diff", "largest abs diff", "error",
+               "largest |PyTorch - ORT| over every logit (also the smallest --atol that passes)"),
+        Column("cosine_min", "worst cosine", "cosine",
+               "lowest per-image cosine of the two logit vectors (1 = same direction)"),
+        Column("top1_agreement", "matches on top-1", "share",
+               "images where both pick the same class")]))
     emit("parity: PASS" if parity["passed"] else "parity: FAIL")

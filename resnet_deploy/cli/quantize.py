@@ -8,8 +8,10 @@ from typing import Any
 import click
 
 from ..choices import METHODS, QUANT_TYPES, TARGETS
+from ..files import check_outputs
 from .app import main
 from .options import (
+    Finite,
     build_spec,
     describe_machine,
     emit,
@@ -48,7 +50,7 @@ from .options import (
 @click.option("--eval-images", type=click.Path(path_type=Path), default=None,
               help="Images for the INT8-vs-FP32 check [default: calibration images not "
                    "used]; an ImageFolder also gives top-1.")
-@click.option("--max-top1-drop", type=float, default=None, metavar="PT",
+@click.option("--max-top1-drop", type=Finite(0, 100), default=None, metavar="PT",
               help="Accuracy-aware mode: keep the most sensitive nodes in FP32 until the "
                    "top-1 drop on --eval-images (an ImageFolder) is at most PT points.")
 @click.option("--max-fallback", type=click.IntRange(min=0), default=5, show_default=True,
@@ -56,7 +58,7 @@ from .options import (
 @click.option("--no-check", "skip_check", is_flag=True,
               help="Write the model without comparing it with FP32 (the output says so).")
 @click.option("--strict", is_flag=True, help="An unreadable image is an error, not a skip.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @preprocess_options()
 @json_option
 def quantize(model: Path, calibration: Path, output: Path | None, method: str,
@@ -82,6 +84,10 @@ def quantize(model: Path, calibration: Path, output: Path | None, method: str,
       resnet-deploy quantize --model m.onnx --calibration calib/ --eval-images dev/ \\
           --max-top1-drop 0.3 --max-fallback 3
     """
+    from ..quantize import default_output
+
+    output = output or default_output(model)
+    check_outputs({"-o": output, "--json": json_path}, [model, calibration, eval_images])
     from ..quantize import QuantizeOptions
     from ..quantize import quantize as run_quantize
 
@@ -96,8 +102,22 @@ def quantize(model: Path, calibration: Path, output: Path | None, method: str,
                 render_quantize, json_path)
 
 
+CHECK_COLUMNS = (
+    ("top1_agreement", "matches on top-1", "share",
+     "images where FP32 and INT8 pick the same class"),
+    ("top5_agreement", "matches on top-5", "share",
+     "images whose five best classes are the same set"),
+    ("cosine_p1", "cosine p1", "cosine",
+     "1st percentile of the per-image cosine of the logits: 99% of images are closer"),
+    ("cosine_min", "worst cosine", "cosine", "lowest per-image cosine (1 = same direction)"),
+    ("cosine_mean", "mean cosine", "cosine", ""),
+    ("max_abs_diff", "largest abs diff", "error", "largest |FP32 - INT8| over every logit"),
+)
+
+
 def render_quantize(result: Any) -> None:
-    from ..report import format_table
+    from ..layers import display
+    from ..report import Column, format_table, share
 
     s = result.settings
     emit(f"machine: {describe_machine()}")
@@ -115,32 +135,38 @@ def render_quantize(result: Any) -> None:
     else:
         c = result.check
         emit(f"check, {c.subject} ({c.tolerance.describe()}):")
-        emit(format_table([c.comparison.to_dict()], [
-            ("top1_agreement", "top-1 agree"), ("cosine_p1", "cosine p1"),
-            ("cosine_min", "cosine min"), ("cosine_mean", "cosine mean"),
-            ("max_abs_diff", "max abs diff"), ("top5_agreement", "top-5 agree")]))
+        emit(format_table([c.comparison.to_dict()], [Column(*col) for col in CHECK_COLUMNS]))
         emit(f"check: {'PASS' if c else 'FAIL (' + c.reason + ')'}")
     for note in result.notes:
         emit(f"note: {note}")
     if result.accuracy is not None:
         a = result.accuracy
-        emit(f"top-1 on {a['n']} labelled images: FP32 {a['fp32_top1']:.2%}, INT8 "
-             f"{a['int8_top1']:.2%} (drop {a['top1_drop_pt']:.2f} pt)")
+        emit(f"top-1 on {a['n']} labelled images: FP32 {share(a['fp32_top1'])}, INT8 "
+             f"{share(a['int8_top1'])} (drop {a['top1_drop_pt']:.2f} points)")
     if result.sensitivity:
-        emit("most sensitive nodes (output error when only that node is quantized):")
-        emit(format_table(list(result.sensitivity[:10]), [
-            ("rank", "rank"), ("node", "node"), ("op_type", "op"), ("error", "1-cos mean"),
-            ("max_abs_diff", "max abs diff"), ("top1_agreement", "top-1 agree")]))
+        emit("most sensitive layers (output error when only that layer is quantized):")
+        emit(format_table([{**row, "layer": display(row["node"], result.layers)}
+                           for row in result.sensitivity[:10]], [
+            Column("rank", "rank", "int"), Column("layer", "layer (ONNX node)"),
+            Column("op_type", "op"),
+            Column("error", "1 - mean cosine", "error",
+                   "how far the logits turn when only this layer is INT8 (0 = not at all)"),
+            Column("max_abs_diff", "largest abs diff", "error"),
+            Column("top1_agreement", "matches on top-1", "share",
+                   "images where FP32 and this one-layer INT8 pick the same class")]))
     if len(result.steps) > 1:
         emit("accuracy-aware fallback:")
         emit(format_table([{"step": i, "kept": len(st.fp32_nodes),
-                            "node": st.fp32_nodes[-1] if st.fp32_nodes else "-",
+                            "node": (display(st.fp32_nodes[-1], result.layers)
+                                     if st.fp32_nodes else "-"),
                             "top1": st.top1, "drop_pt": st.drop_pt}
-                           for i, st in enumerate(result.steps)],
-                          [("step", "step"), ("node", "kept in FP32"), ("kept", "FP32 nodes"),
-                           ("top1", "INT8 top-1"), ("drop_pt", "drop (pt)")]))
+                           for i, st in enumerate(result.steps)], [
+            Column("step", "step", "int"), Column("node", "also kept in FP32"),
+            Column("kept", "layers in FP32", "int"), Column("top1", "INT8 top-1", "share"),
+            Column("drop_pt", "drop", "points", "FP32 top-1 minus INT8 top-1, in points")]))
     if result.target_met is not None:
-        emit(f"target: top-1 drop <= {result.accuracy['max_top1_drop_pt']:g} pt "
+        emit(f"target: top-1 drop <= {result.accuracy['max_top1_drop_pt']:g} points "
              f"{'MET' if result.target_met else 'MISSED'}"
-             + (f"; FP32 nodes: {', '.join(result.fallback_nodes)}"
+             + (f"; kept in FP32: "
+                f"{', '.join(display(n, result.layers) for n in result.fallback_nodes)}"
                 if result.fallback_nodes else ""))
