@@ -6,7 +6,7 @@ option bundles and renderers' helpers they share.
 
 from __future__ import annotations
 
-from . import bench, evaluate, export, fp16, parity, quantize  # noqa: F401  (registers them)
+from . import bench, evaluate, export, fp16, package, parity, pipeline, quantize  # noqa: F401
 from .app import main
 
 __all__ = ["main"]

@@ -1,0 +1,176 @@
+"""``resnet-deploy pipeline`` and ``verify``: every step in one run, and the proof checked."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..choices import METHODS, TARGETS
+from ..errors import CheckFailed
+from ..model import IMAGENET1K_V1
+from .app import main
+from .options import (
+    provider_option,
+    DEFAULT_IMAGES,
+    build_spec,
+    describe_machine,
+    emit,
+    json_option,
+    preprocess_options,
+    random_banner,
+    read_labels,
+    weights_option,
+    write_json_if,
+)
+from .package import split_sizes, triton_options
+
+
+@main.command()
+@weights_option("imagenet")
+@click.option("--num-classes", type=click.IntRange(min=1), default=None,
+              help="Classes of a random model (inferred from fc.weight for checkpoints).")
+@preprocess_options()
+@click.option("--labels", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Class names, one per line (they reach Triton's labels.txt).")
+@click.option("--calibration", type=click.Path(path_type=Path), default=DEFAULT_IMAGES,
+              show_default=True, help="Photos for INT8 calibration (searched recursively).")
+@click.option("--eval-images", type=click.Path(path_type=Path), default=None,
+              help="A labelled ImageFolder: parity runs on it and evaluate measures top-1.")
+@provider_option()
+@click.option("--target", type=click.Choice(TARGETS), default="cpu", show_default=True,
+              help="Where the INT8 model will run (see quantize --help).")
+@click.option("--method", type=click.Choice(METHODS), default="minmax", show_default=True,
+              help="Calibration method.")
+@click.option("--num-samples", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Calibration images (a seeded subset of a larger folder).")
+@click.option("--exporter", type=click.Choice(["dynamo", "torchscript"]), default="dynamo",
+              show_default=True)
+@click.option("--dynamic-batch/--static-batch", default=True, show_default=True)
+@click.option("--parity-limit", type=click.IntRange(min=1), default=200, show_default=True,
+              help="At most this many photos for parity (a seeded subset).")
+@click.option("--bench-batch-size", default="1", show_default=True,
+              help="Comma-separated batch sizes for the short bench.")
+@click.option("--bench-iterations", type=click.IntRange(min=1), default=30, show_default=True)
+@click.option("--triton", is_flag=True, help="Also write OUT/model_repository for Triton.")
+@triton_options
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--force", is_flag=True, help="Rebuild every step.")
+@click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("artifacts"), show_default=True, help="The output folder.")
+@json_option
+def pipeline(weights: str, num_classes: int | None, input_size: int | None,
+             resize_size: int | None, mean: Any, std: Any, labels: Path | None,
+             calibration: Path, eval_images: Path | None, providers: tuple[str, ...],
+             target: str, method: str, num_samples: int, exporter: str, dynamic_batch: bool,
+             parity_limit: int, bench_batch_size: str, bench_iterations: int, triton: bool,
+             max_batch_size: int, preferred: str | None, queue_delay_us: int, instances: int,
+             seed: int, force: bool, output: Path, json_path: Path | None) -> None:
+    """Checkpoint to INT8, FP16, parity proof, figures and a Triton repository in one run.
+
+    Steps: export, quantize (with its gate), FP16 (with a GPU provider), parity of every
+    model against PyTorch on every provider, evaluate (with --eval-images), a short bench,
+    report.md with the latency plot, and with --triton OUT/model_repository. OUT/manifest.json
+    records each step's inputs (content hashes), options, outputs and results; a rerun
+    rebuilds only the steps whose inputs or options changed ("up to date" otherwise). A
+    failed step stops the run with its own exit code; finished steps stay recorded.
+
+    \b
+    Examples:
+      resnet-deploy pipeline --weights ft.pth --input-size 64 --resize-size 73 \\
+          --calibration calib/ --eval-images dev/ --triton -o artifacts/
+      resnet-deploy verify artifacts/manifest.json
+    """
+    from ..files import check_outputs
+    from ..package import TritonOptions
+    from ..pipeline import PipelineOptions, run_pipeline
+    from .bench import split_batch_sizes
+
+    check_outputs({"--json": json_path}, [labels], folders={"-o": output})
+    random_banner(weights == "random")
+    options = PipelineOptions(
+        weights=weights, num_classes=num_classes,
+        spec=build_spec(input_size, resize_size, mean, std, default=IMAGENET1K_V1),
+        labels=tuple(read_labels(labels) or ()) or None, calibration=calibration,
+        eval_images=eval_images, providers=providers, target=target,
+        method=method, num_samples=num_samples, exporter=exporter,
+        dynamic_batch=dynamic_batch, parity_limit=parity_limit,
+        bench_batch_sizes=split_batch_sizes(bench_batch_size),
+        bench_iterations=bench_iterations, seed=seed, force=force,
+        triton=TritonOptions(max_batch_size=max_batch_size,
+                             preferred_batch_sizes=split_sizes(preferred),
+                             max_queue_delay_us=queue_delay_us,
+                             instance_count=instances) if triton else None)
+    emit(f"machine: {describe_machine()}")
+    result = run_pipeline(output, options, progress=emit)
+    render_pipeline(result)
+    write_json_if(json_path, result.to_dict())
+
+
+def render_pipeline(result: Any) -> None:
+    from ..report import Column, format_table
+
+    rows = [{"step": r.step, "status": r.status,
+             "seconds": None if r.status == "up to date" else r.seconds,
+             "outputs": len(r.outputs), "result": step_summary(r)} for r in result.steps]
+    emit(format_table(rows, [("step", "step"), ("status", "status"),
+                             Column("seconds", "seconds", "number",
+                                    "time this run spent on the step"),
+                             Column("outputs", "files", "int"), ("result", "result")]))
+    emit(f"manifest: {result.manifest} (check it any time: resnet-deploy verify "
+         f"{result.manifest})")
+
+
+def step_summary(record: Any) -> str:
+    """One phrase per step for the summary table."""
+    from ..report import cell
+
+    r = record.results
+    if record.step == "quantize" and r.get("check_passed") is not None:
+        return (f"check {'PASS' if r['check_passed'] else 'FAIL'}, top-1 agreement "
+                f"{cell(r['top1_agreement'], 'share')} on {r['held_out']} held-out")
+    if record.step == "parity":
+        return (f"{'PASS' if r['passed'] else 'FAIL'}, {len(r['backends'])} backends on "
+                f"{r['inputs']}")
+    if record.step == "evaluate":
+        return ", ".join(f"{m['precision']} {cell(m['top1'], 'share')}" for m in r["models"])
+    if record.step == "bench":
+        return ", ".join(f"{row['precision']}@{row['provider']} b{row['batch_size']} "
+                         f"{cell(row['p50_ms'], 'ms')} ms" for row in r["rows"])
+    if record.step == "triton":
+        return ", ".join(m["name"] for m in r["models"])
+    if record.step in ("export", "fp16"):
+        return "check PASS" if r.get("parity_passed", r.get("check_passed")) else "-"
+    return "-"
+
+
+@main.command()
+@click.argument("manifest", type=click.Path(dir_okay=False, path_type=Path),
+                default=Path("artifacts/manifest.json"))
+@json_option
+def verify(manifest: Path, json_path: Path | None) -> None:
+    """Re-hash every artifact and input a pipeline manifest records.
+
+    Exit 0 when every artifact holds; 1 naming each one that is missing, modified, or
+    stale (an input it was built from has changed since); 2 when the manifest itself is
+    missing or unreadable.
+
+    \b
+    Examples:
+      resnet-deploy verify artifacts/manifest.json
+      resnet-deploy verify out/manifest.json --json verify.json
+    """
+    from ..pipeline import verify as run_verify
+
+    report = run_verify(manifest)
+    for problem in report.problems:
+        emit(problem)
+    emit(f"{report.manifest}: {report.checked} artifacts checked, "
+         f"{'all hold' if report else f'{len(report.problems)} problem(s)'}")
+    write_json_if(json_path, report.to_dict())
+    if not report:
+        raise CheckFailed(f"{report.manifest}: {report.problems[0]}"
+                          + (f" (and {len(report.problems) - 1} more)"
+                             if len(report.problems) > 1 else "")
+                          + "; rerun 'resnet-deploy pipeline' with the same options")

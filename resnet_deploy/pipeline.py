@@ -1,0 +1,652 @@
+"""Checkpoint to servable artifacts in one run, with a manifest that proves what came from what.
+
+The steps are the library's own functions, in order: export, quantize, FP16 (when a GPU
+provider is asked for), parity, evaluate (with labelled images), bench, report and the Triton
+repository. ``manifest.json`` records per step its inputs (with content hashes), options,
+outputs (path, bytes, sha256) and results. This is Make's rule with hashes for times: a step
+runs again only when an input's hash or an option changed, or an output is missing or no
+longer has its recorded hash; since a step's inputs include the hashes of the outputs it
+consumes, a change ripples down exactly the steps that depend on it. The manifest is written
+atomically after every step, so an interrupted run keeps the steps it finished.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .choices import Method, Target
+from .errors import CheckFailed, UserError
+from .machine import describe, machine_info, package_versions
+from .model import file_sha256
+from .package import TritonOptions
+from .preprocess import PreprocessSpec, list_images
+from .report import Column, cell, format_markdown, write_json, write_text
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+FORMAT = "resnet-deploy-manifest/1"
+FP32, INT8, FP16 = "resnet18.onnx", "resnet18.int8.onnx", "resnet18.fp16.onnx"
+REPOSITORY = "model_repository"
+GPU_PROVIDERS = ("cuda", "tensorrt")
+BUILT, UP_TO_DATE, FAILED = "built", "up to date", "failed"
+# What the manifest keeps of each bench row (the full rows are in bench.json).
+BENCH_KEYS = ("model", "provider", "precision", "batch_size", "p10_ms", "p50_ms", "p90_ms",
+              "throughput_ips")
+
+
+@dataclass(frozen=True)
+class PipelineOptions:
+    """Everything a run depends on besides its input files."""
+
+    weights: str = "imagenet"
+    num_classes: int | None = None
+    spec: PreprocessSpec = PreprocessSpec.create(224)
+    labels: tuple[str, ...] | None = None
+    calibration: Path = Path("calibration")
+    eval_images: Path | None = None
+    providers: tuple[str, ...] = ("cpu",)
+    target: Target = "cpu"
+    method: Method = "minmax"
+    num_samples: int = 256
+    exporter: str = "dynamo"
+    dynamic_batch: bool = True
+    parity_limit: int | None = 200
+    bench_batch_sizes: tuple[int, ...] = (1,)
+    bench_iterations: int = 30
+    bench_warmup: int = 5
+    triton: TritonOptions | None = None
+    force: bool = False
+    seed: int = 0
+
+    @property
+    def gpu(self) -> bool:
+        return any(p in GPU_PROVIDERS for p in self.providers)
+
+
+@dataclass
+class StepRecord:
+    """One step in the manifest: what went in, how, what came out, what it measured."""
+
+    step: str
+    status: str
+    key: str
+    inputs: dict[str, Any]
+    options: dict[str, Any]
+    outputs: list[dict[str, Any]] = field(default_factory=list)
+    results: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StepRecord:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def digest(self) -> str:
+        """What a downstream step sees of this one: its outputs and results."""
+        return _digest({"outputs": self.outputs, "results": self.results})
+
+
+@dataclass(frozen=True)
+class PipelineResult:
+    output: str
+    manifest: str
+    steps: tuple[StepRecord, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"output": self.output, "manifest": self.manifest,
+                "steps": [s.to_dict() for s in self.steps]}
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a step function returns: files written (under the output folder) and figures."""
+
+    outputs: tuple[Path, ...]
+    results: dict[str, Any]
+
+
+def _digest(data: Any) -> str:
+    text = json.dumps(data, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+class Hashes:
+    """File hashes for one run: each file is read once however many steps name it."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[str, int, int], str] = {}
+
+    def file(self, path: Path) -> str:
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+        if key not in self._cache:
+            self._cache[key] = file_sha256(path)
+        return self._cache[key]
+
+    def file_input(self, path: Path) -> dict[str, Any]:
+        if not path.is_file():
+            raise UserError(f"{path}: no such file")
+        return {"kind": "file", "path": str(path.resolve()), "sha256": self.file(path)}
+
+    def folder_input(self, folder: Path) -> dict[str, Any]:
+        """Every image below ``folder`` with its content hash; the sha256 covers them all."""
+        root = Path(folder)
+        files = {p.relative_to(root).as_posix(): self.file(p) for p in list_images(root)}
+        if not files:
+            raise UserError(f"{root}: holds no images (.jpg/.png/...); point to a folder of "
+                            "photos")
+        return {"kind": "folder", "path": str(root.resolve()), "sha256": _digest(files),
+                "files": files}
+
+    def output(self, root: Path, path: Path, step: str) -> dict[str, Any]:
+        return {"path": path.relative_to(root).as_posix(), "bytes": path.stat().st_size,
+                "sha256": self.file(path), "step": step}
+
+
+def _key(inputs: dict[str, Any], options: dict[str, Any]) -> str:
+    """The step's identity: input hashes and options (not file lists or paths)."""
+    return _digest({"inputs": {k: v.get("sha256", v.get("value")) for k, v in inputs.items()},
+                    "options": options})
+
+
+# --- the steps -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    inputs: Callable[[Run], dict[str, Any]]
+    options: Callable[[Run], dict[str, Any]]
+    run: Callable[[Run], Outcome]
+
+
+class Run:
+    """The state one pipeline run shares between steps: paths, hashes, the torch model."""
+
+    def __init__(self, output: Path, options: PipelineOptions) -> None:
+        self.out = output
+        self.options = options
+        self.records: dict[str, StepRecord] = {}
+        self.hashes = Hashes()
+        self._torch: Any = None
+
+    def model_paths(self) -> list[Path]:
+        names = [FP32, INT8] + ([FP16] if self.options.gpu else [])
+        return [self.out / name for name in names]
+
+    def artifact(self, name: str, step: str) -> dict[str, Any]:
+        path = self.out / name
+        if not path.is_file():
+            raise UserError(f"{path}: missing although step {step} finished; rerun with --force")
+        return {"kind": "artifact", "path": name, "step": step, "sha256": self.hashes.file(path)}
+
+    def models_input(self) -> dict[str, Any]:
+        producers = {FP32: "export", INT8: "quantize", FP16: "fp16"}
+        return {p.name: self.artifact(p.name, producers[p.name]) for p in self.model_paths()}
+
+    def weights_input(self) -> dict[str, Any]:
+        weights = self.options.weights
+        if weights in ("random", "imagenet"):
+            return {"kind": "value", "value": weights}
+        return self.hashes.file_input(Path(weights))
+
+    def step_input(self, step: str) -> dict[str, Any]:
+        return {"kind": "step", "step": step, "sha256": self.records[step].digest()}
+
+    def torch_model(self) -> tuple[Any, Any]:
+        if self._torch is None:
+            from .model import load_model
+
+            self._torch = load_model(self.options.weights, num_classes=self.options.num_classes,
+                                     seed=self.options.seed)
+        return self._torch
+
+    def images(self) -> Path:
+        """Parity's photos: the labelled set when given (calibration never saw it)."""
+        return self.options.eval_images or self.options.calibration
+
+
+def _export(run: Run) -> Outcome:
+    from .export import ExportOptions, export
+
+    o = run.options
+    model, loaded = run.torch_model()
+    # Seeded random inputs for export's own check: the FP32 model then depends on the
+    # checkpoint and options only, and the parity step compares every model on photos.
+    result = export(model, loaded, o.spec, run.out / FP32,
+                    labels=list(o.labels) if o.labels else None,
+                    options=ExportOptions(exporter=o.exporter, dynamic_batch=o.dynamic_batch,
+                                          parity_images=None, seed=o.seed))
+    return Outcome((run.out / FP32,), {"parity_passed": result.parity["passed"],
+                                       "max_abs_diff": result.parity["max_abs_diff"],
+                                       "nodes": result.nodes_after, "weights": result.weights})
+
+
+def _quantize(run: Run) -> Outcome:
+    from .quantize import QuantizeOptions, quantize
+
+    o = run.options
+    options = QuantizeOptions(method=o.method, num_samples=o.num_samples, target=o.target,
+                              seed=o.seed)
+    try:
+        result = quantize(run.out / FP32, o.calibration, run.out / INT8, options=options)
+    except CheckFailed as exc:
+        if exc.report is not None:
+            exc.report = _quantize_results(exc.report)
+        raise
+    return Outcome((run.out / INT8,), _quantize_results(result))
+
+
+def _quantize_results(result: Any) -> dict[str, Any]:
+    check = result.check
+    return {"target": result.settings.target, "method": result.settings.method,
+            "num_calibration": result.num_calibration, "held_out": result.held_out,
+            "check_passed": None if check is None else check.passed,
+            "top1_agreement": None if check is None else check.comparison.top1_agreement,
+            "cosine_p1": None if check is None else check.comparison.cosine_p1,
+            "size_ratio": round(result.size_ratio, 4)}
+
+
+def _fp16(run: Run) -> Outcome:
+    from .fp16 import Fp16Options, convert_fp16
+
+    result = convert_fp16(run.out / FP32, run.out / FP16,
+                          options=Fp16Options(check_images=None, seed=run.options.seed))
+    return Outcome((run.out / FP16,), {"check_passed": result.check.passed,
+                                       "cosine_min": result.check.comparison.cosine_min})
+
+
+def _parity(run: Run) -> Outcome:
+    from .parity import ParityOptions, check, make_inputs, model_spec, run_parity
+    from .runtime import ModelFile
+
+    o = run.options
+    files = [ModelFile.read(p) for p in run.model_paths()]
+    inputs = make_inputs(model_spec(files, None), images=run.images(), random_count=None,
+                         limit=o.parity_limit, seed=o.seed)
+    report, _ = run_parity(files, inputs=inputs, weights_model=run.torch_model()[0],
+                           options=ParityOptions(providers=o.providers))
+    path = run.out / "parity.json"
+    write_json(path, {"machine": machine_info(), **report.to_dict()})
+    results = {"passed": report.passed, "inputs": report.inputs["description"],
+               "backends": [{"backend": f"{Path(r.model).name}@{r.provider}" if r.model
+                             else r.backend, "precision": r.precision, "passed": r.passed,
+                             "cosine_min": r.comparison.cosine_min if r.comparison else None,
+                             "top1_agreement": (r.comparison.top1_agreement
+                                                if r.comparison else None)}
+                            for r in report.results]}
+    try:
+        check(report)
+    except CheckFailed as exc:
+        exc.report = results
+        raise
+    return Outcome((path,), results)
+
+
+def _evaluate(run: Run) -> Outcome:
+    from .evaluate import EvaluateOptions, evaluate
+
+    assert run.options.eval_images is not None
+    result = evaluate(run.model_paths(), run.options.eval_images,
+                      options=EvaluateOptions(seed=run.options.seed))
+    path = run.out / "evaluate.json"
+    write_json(path, {"machine": machine_info(), **result.to_dict()})
+    return Outcome((path,), {"images": result.models[0].n, "models": [
+        {"model": Path(m.model).name, "precision": m.precision, "top1": round(m.top1, 6),
+         "top5": round(m.top5, 6)} for m in result.models]})
+
+
+def _bench(run: Run) -> Outcome:
+    from .bench import BenchOptions, run_bench
+
+    o = run.options
+    rows, reports = [], []
+    for provider in o.providers:
+        report = run_bench(run.model_paths(), BenchOptions(
+            provider=provider, batch_sizes=o.bench_batch_sizes, warmup=o.bench_warmup,
+            iterations=o.bench_iterations, placement=provider != "cpu", seed=o.seed))
+        reports.append(report.to_dict())
+        rows += [{k: v for k, v in r.to_dict().items() if k in BENCH_KEYS}
+                 | {"model": Path(r.model).name} for r in report.results]
+    path = run.out / "bench.json"
+    write_json(path, {"machine": machine_info(), "runs": reports})
+    return Outcome((path,), {"rows": rows})
+
+
+def _report(run: Run) -> Outcome:
+    from .report import plot_bench
+
+    records = run.records
+    outputs = [run.out / "report.md"]
+    plot = run.out / "bench.png"
+    try:
+        plot_bench(records["bench"].results["rows"], plot, machine=machine_info())
+        outputs.append(plot)
+    except UserError as exc:  # matplotlib missing: the tables still say everything
+        log.warning("report without the latency plot: %s", exc)
+    write_text(outputs[0], report_markdown(records, plot.name if plot in outputs else None))
+    return Outcome(tuple(outputs), {"plot": plot in outputs})
+
+
+def _triton(run: Run) -> Outcome:
+    from .package import package_triton
+
+    options, per_model = triton_plan(run)
+    result = package_triton(run.model_paths(), run.out / REPOSITORY, options=options,
+                            model_options=per_model)
+    return Outcome(tuple(run.out / REPOSITORY / f for f in result.files),
+                   {"models": [m.to_dict() for m in result.models]})
+
+
+def triton_plan(run: Run) -> tuple[TritonOptions, dict[Path, TritonOptions]]:
+    """GPU instances when a GPU provider was asked for; TensorRT when tensorrt was. An INT8
+    model quantized for a CPU target stays on CPU instances: TensorRT takes only symmetric
+    int8, and the CUDA provider has no INT8 convolution."""
+    o = run.options
+    base = o.triton or TritonOptions()
+    if not o.gpu:
+        return base, {}
+    tensorrt = ("int8" if o.target == "tensorrt" else "fp16") if "tensorrt" in o.providers \
+        else None
+    options = dataclasses.replace(base, device="gpu", tensorrt=tensorrt)
+    if tensorrt == "int8":
+        return options, {}
+    return options, {run.out / INT8: dataclasses.replace(base, device="cpu", tensorrt=None)}
+
+
+def _triton_options(run: Run) -> dict[str, Any]:
+    options, per_model = triton_plan(run)
+    return {"default": options.to_dict(),
+            "per_model": {p.name: v.to_dict() for p, v in per_model.items()}}
+
+
+def _spec_options(o: PipelineOptions) -> dict[str, Any]:
+    return {"weights": o.weights if o.weights in ("random", "imagenet") else "file",
+            "num_classes": o.num_classes, "spec": o.spec.to_dict(),
+            "labels": _digest(list(o.labels)) if o.labels else None, "exporter": o.exporter,
+            "dynamic_batch": o.dynamic_batch, "seed": o.seed}
+
+
+def steps(options: PipelineOptions) -> list[Step]:
+    """The plan for these options, in order."""
+    plan = [
+        Step("export", lambda r: {"weights": r.weights_input()},
+             lambda r: _spec_options(r.options), _export),
+        Step("quantize", lambda r: {"fp32_model": r.artifact(FP32, "export"),
+                                    "calibration": r.hashes.folder_input(r.options.calibration)},
+             lambda r: {"method": r.options.method, "num_samples": r.options.num_samples,
+                        "target": r.options.target, "seed": r.options.seed}, _quantize),
+    ]
+    if options.gpu:
+        plan.append(Step("fp16", lambda r: {"fp32_model": r.artifact(FP32, "export")},
+                         lambda r: {"seed": r.options.seed}, _fp16))
+    plan.append(Step("parity", lambda r: {"weights": r.weights_input(), **r.models_input(),
+                                          "images": r.hashes.folder_input(r.images())},
+                     lambda r: {"providers": list(r.options.providers),
+                                "limit": r.options.parity_limit, "seed": r.options.seed},
+                     _parity))
+    if options.eval_images is not None:
+        plan.append(Step("evaluate", lambda r: {
+            **r.models_input(), "eval_images": r.hashes.folder_input(r.options.eval_images)},
+            lambda r: {"provider": "cpu", "seed": r.options.seed}, _evaluate))
+    plan.append(Step("bench", lambda r: r.models_input(), lambda r: {
+        "providers": list(r.options.providers), "batch_sizes": list(r.options.bench_batch_sizes),
+        "iterations": r.options.bench_iterations, "warmup": r.options.bench_warmup,
+        "machine": describe()}, _bench))
+    reported = [s.name for s in plan if s.name != "export"]
+    plan.append(Step("report", lambda r: {n: r.step_input(n) for n in reported},
+                     lambda r: {}, _report))
+    if options.triton is not None:
+        plan.append(Step("triton", lambda r: r.models_input(), _triton_options, _triton))
+    return plan
+
+
+# --- running ---------------------------------------------------------------------------------
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest's JSON; UserError (exit 2) when it is missing or unreadable."""
+    try:
+        data = json.loads(Path(path).read_text("utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such manifest; run 'resnet-deploy pipeline -o DIR' "
+                        "first") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path}: not a readable manifest ({type(exc).__name__}); rerun "
+                        "'resnet-deploy pipeline' to rewrite it") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT \
+            or not isinstance(data.get("steps"), dict):
+        raise UserError(f"{path}: not a resnet-deploy manifest ({FORMAT}); rerun "
+                        "'resnet-deploy pipeline' to rewrite it")
+    return data
+
+
+def _previous(out: Path) -> dict[str, StepRecord]:
+    path = out / MANIFEST
+    if not path.exists():
+        return {}
+    try:
+        data = read_manifest(path)
+        return {name: StepRecord.from_dict(rec) for name, rec in data["steps"].items()}
+    except (UserError, TypeError):
+        log.warning("%s: unreadable; every step runs again", path)
+        return {}
+
+
+def _outputs_hold(record: StepRecord, out: Path, hashes: Hashes) -> bool:
+    for entry in record.outputs:
+        path = out / entry["path"]
+        if not path.is_file() or hashes.file(path) != entry["sha256"]:
+            return False
+    return True
+
+
+def write_manifest(out: Path, records: dict[str, StepRecord], order: Sequence[str]) -> Path:
+    """Atomically: a reader never sees half a manifest, an interrupted run keeps its steps."""
+    ordered = [n for n in order if n in records] + [n for n in records if n not in order]
+    steps_data = {n: records[n].to_dict() for n in ordered}
+    artifacts = [{**entry, "step": n} for n in ordered for entry in records[n].outputs]
+    path = out / MANIFEST
+    write_json(path, {"format": FORMAT, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                      "machine": machine_info(), "versions": package_versions(),
+                      "artifacts": artifacts, "steps": steps_data})
+    return path
+
+
+def run_pipeline(output: str | Path, options: PipelineOptions, *,
+                 progress: Callable[[str], None] | None = None) -> PipelineResult:
+    """Run the steps that are not up to date; raise the failing step's own error.
+
+    ``progress`` gets one line per step. A failed step is recorded with its error (and its
+    figures, when it measured any) before the error propagates; steps after it keep their
+    previous records, which ``verify`` then reports as stale.
+    """
+    from .runtime import require_provider
+
+    out = Path(output)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a folder; choose another -o")
+    for provider in options.providers:
+        require_provider(provider)  # before any work: a missing one is exit 2 right away
+    say = progress or (lambda line: log.info("%s", line))
+    run = Run(out, options)
+    run.weights_input()  # bad inputs fail here, not after the steps before them ran
+    for folder in (options.calibration, options.eval_images):
+        if folder is not None:
+            run.hashes.folder_input(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    run.records.update(_previous(out))
+    records = run.records
+    plan = steps(options)
+    order = [s.name for s in plan]
+    for index, step in enumerate(plan, start=1):
+        inputs, opts = step.inputs(run), step.options(run)
+        key = _key(inputs, opts)
+        prev = records.get(step.name)
+        prefix = f"[{index}/{len(plan)}] {step.name}:"
+        if (not options.force and prev is not None and prev.status != FAILED
+                and prev.key == key and _outputs_hold(prev, out, run.hashes)):
+            # Same hashes, perhaps other paths: record where the inputs are now.
+            records[step.name] = dataclasses.replace(prev, status=UP_TO_DATE, inputs=inputs)
+            say(f"{prefix} up to date")
+            continue
+        start = time.perf_counter()
+        try:
+            outcome = step.run(run)
+        except (CheckFailed, UserError) as exc:
+            report = getattr(exc, "report", None)
+            records[step.name] = StepRecord(
+                step.name, FAILED, key, inputs, opts, results=report if isinstance(
+                    report, dict) else {}, seconds=round(time.perf_counter() - start, 3),
+                error=str(exc))
+            write_manifest(out, records, order)
+            say(f"{prefix} FAILED after {time.perf_counter() - start:.1f}s")
+            raise
+        seconds = round(time.perf_counter() - start, 3)
+        records[step.name] = StepRecord(
+            step.name, BUILT, key, inputs, opts,
+            outputs=[run.hashes.output(out, p, step.name) for p in outcome.outputs],
+            results=outcome.results, seconds=seconds)
+        write_manifest(out, records, order)
+        say(f"{prefix} built in {seconds:.1f}s")
+    for name in [n for n in records if n not in order]:
+        del records[name]  # steps these options no longer ask for
+    path = write_manifest(out, records, order)
+    return PipelineResult(str(out), str(path), tuple(records[n] for n in order))
+
+
+# --- verify ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class VerifyReport:
+    manifest: str
+    checked: int
+    problems: tuple[str, ...]
+
+    @property
+    def passed(self) -> bool:
+        return not self.problems
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"manifest": self.manifest, "checked": self.checked,
+                "problems": list(self.problems), "passed": self.passed}
+
+
+def verify(manifest: str | Path) -> VerifyReport:
+    """Re-hash every artifact and every input; name what is missing, modified or stale."""
+    path = Path(manifest)
+    data = read_manifest(path)
+    out = path.parent
+    hashes = Hashes()
+    records = {n: StepRecord.from_dict(r) for n, r in data["steps"].items()}
+    problems: list[str] = []
+    checked = 0
+    tainted: set[str] = set()  # steps whose outputs cannot be trusted: downstream is stale
+    for name, record in records.items():
+        if record.status == FAILED:
+            problems.append(f"step {name} failed: {record.error}")
+            tainted.add(name)
+            continue
+        count = len(problems)
+        for entry in record.outputs:
+            checked += 1
+            file = out / entry["path"]
+            if not file.is_file():
+                problems.append(f"missing: {entry['path']} ({name})")
+            elif hashes.file(file) != entry["sha256"]:
+                problems.append(f"modified: {entry['path']} ({name})")
+        changed = [k for k, v in record.inputs.items() if _input_changed(v, records, hashes)]
+        upstream = sorted({v["step"] for v in record.inputs.values()
+                           if v.get("kind") in ("artifact", "step")} & tainted)
+        if changed or upstream:
+            why = (f"{', '.join(changed)} changed since it was built" if changed else
+                   f"built from {', '.join(upstream)}, which no longer holds")
+            problems.append(f"stale: {_paths(record.outputs) or name} ({name}: {why})")
+        if len(problems) > count:
+            tainted.add(name)
+    return VerifyReport(str(path), checked, tuple(problems))
+
+
+def _paths(outputs: Sequence[dict[str, Any]], shown: int = 3) -> str:
+    names = [o["path"] for o in outputs]
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def _input_changed(entry: dict[str, Any], records: dict[str, StepRecord], hashes: Hashes) -> bool:
+    kind = entry.get("kind")
+    if kind == "file":
+        file = Path(entry["path"])
+        return not file.is_file() or hashes.file(file) != entry["sha256"]
+    if kind == "folder":
+        try:
+            return hashes.folder_input(Path(entry["path"]))["sha256"] != entry["sha256"]
+        except UserError:
+            return True
+    if kind == "artifact":
+        producer = records.get(entry["step"])
+        return producer is None or not any(
+            o["path"] == entry["path"] and o["sha256"] == entry["sha256"]
+            for o in producer.outputs)
+    if kind == "step":
+        producer = records.get(entry["step"])
+        return producer is None or producer.digest() != entry["sha256"]
+    return False
+
+
+# --- the report ------------------------------------------------------------------------------
+
+def report_markdown(records: dict[str, StepRecord], plot: str | None) -> str:
+    """report.md: artifacts, parity, accuracy and latency, from the step records."""
+    parts = [f"# resnet-deploy pipeline report\n\nMachine: {describe()}\n"]
+    artifacts = [{**o, "sha256": o["sha256"][:16]} for n, r in records.items()
+                 if n not in ("report", "triton") for o in r.outputs]
+    parts.append("## Artifacts\n\n" + format_markdown(artifacts, [
+        ("path", "file"), Column("bytes", "bytes", "int"), ("sha256", "sha256 (first 16)"),
+        ("step", "step")]))
+    quant = records.get("quantize")
+    if quant is not None:
+        q = quant.results
+        parts.append(f"## INT8\n\nTarget {q['target']}, {q['method']} calibration on "
+                     f"{q['num_calibration']} photos; check on {q['held_out']} held-out "
+                     f"photos: top-1 agreement {cell(q['top1_agreement'], 'share')}, cosine "
+                     f"p1 {cell(q['cosine_p1'], 'cosine')}; size {q['size_ratio']:.0%} of "
+                     "FP32.\n")
+    parity = records.get("parity")
+    if parity is not None:
+        verdicts = {True: "PASS", False: "FAIL", None: "skipped"}
+        rows = [{**b, "verdict": verdicts[b["passed"]]} for b in parity.results["backends"]]
+        parts.append(f"## Parity against PyTorch ({parity.results['inputs']})\n\n"
+                     + format_markdown(rows, [("backend", "backend"), ("precision", "prec"),
+                                              Column("cosine_min", "worst cosine", "cosine"),
+                                              Column("top1_agreement", "top-1 agree", "share"),
+                                              ("verdict", "verdict")]))
+    evaluation = records.get("evaluate")
+    if evaluation is not None:
+        parts.append(f"## Accuracy on {evaluation.results['images']} labelled photos\n\n"
+                     + format_markdown(evaluation.results["models"], [
+                         ("model", "model"), ("precision", "prec"),
+                         Column("top1", "top-1", "share"), Column("top5", "top-5", "share")]))
+    bench = records.get("bench")
+    if bench is not None:
+        parts.append("## Latency\n\n" + format_markdown(bench.results["rows"], [
+            ("model", "model"), ("provider", "provider"), ("precision", "prec"),
+            Column("batch_size", "batch", "int"), Column("p50_ms", "p50 ms", "ms"),
+            Column("p90_ms", "p90 ms", "ms"), Column("throughput_ips", "img/s", "number")]))
+        if plot:
+            parts.append(f"![latency and throughput]({plot})\n")
+    return "\n".join(parts)
