@@ -21,6 +21,8 @@ demo: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" bash scripts/demo.sh
 
 test: $(STAMP)
+	$(BIN)/ruff check resnet_deploy tests
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -19,19 +19,18 @@ import platform
 import resource
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
-from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from .errors import UserError
 from .machine import machine_info
 from .preprocess import ModelMetadata
-from .runtime import (PROVIDERS, ModelFile, SessionConfig, available_providers,
-                      create_session, node_placement, provider_name, require_provider,
-                      short_provider)
+from .runtime import (PROVIDERS, ModelFile, SessionConfig, available_providers, create_session,
+                      node_placement, provider_name, require_provider, short_provider)
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -369,7 +368,9 @@ def _torch_target(meta: ModelMetadata | None, size: int, options: BenchOptions,
     start = time.perf_counter()
     module, _, note = load_for(meta.weights if meta is not None else None,
                                options.torch_weights)
-    module = module.eval().to(device).to(memory_format=torch.channels_last)
+    module = module.eval().to(device)
+    # channels_last is what torch's own CPU/GPU convs prefer; the stubs omit the keyword.
+    module = module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     seconds = time.perf_counter() - start
     target = Target(label=TORCH_MODEL, provider=f"torch-{device}", precision="fp32",
                     input_size=size, input_dtype=np.float32, static_batch=None,
@@ -502,7 +503,7 @@ def run_bench(models: Sequence[str | Path], options: BenchOptions = BenchOptions
         samples = _interleave(runners, options, say, batch,
                               f" ({step} of {len(options.batch_sizes)})"
                               if len(options.batch_sizes) > 1 else "")
-        for index, (target, timed) in enumerate(zip(targets, samples)):
+        for index, (target, timed) in enumerate(zip(targets, samples, strict=True)):
             results.append(BenchResult(
                 model=target.label, provider=target.provider, batch_size=batch,
                 **_summary(timed, batch), session_s=round(target.session_s, 3),
@@ -523,9 +524,9 @@ def fp16_on_cpu_note(targets: Sequence[Target], provider: str) -> str | None:
         return None
     counts = [f"{Path(t.label).name} {sum(t.placement.values())} nodes" for t in half
               if t.placement]
-    full = [t for t in targets if t.precision == "fp32" and t.placement]
+    full = [t.placement for t in targets if t.precision == "fp32" and t.placement]
     if counts and full:
-        counts.append(f"FP32 {sum(full[0].placement.values())}")
+        counts.append(f"FP32 {sum(full[0].values())}")
     return ("FP16 is a GPU format: ONNX Runtime's CPU provider runs it through Casts"
             f"{' (' + ', '.join(counts) + ')' if counts else ''}, so expect no gain over "
             "FP32 on CPU; time it with --provider cuda or tensorrt")

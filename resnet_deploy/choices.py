@@ -16,6 +16,15 @@ METHODS: tuple[Method, ...] = get_args(Method)
 QUANT_TYPES: tuple[QuantType, ...] = get_args(QuantType)
 TARGETS: tuple[Target, ...] = get_args(Target)
 
+Exporter = Literal["dynamo", "torchscript"]
+EXPORTERS: tuple[Exporter, ...] = get_args(Exporter)
+
+# Triton model repositories: where instances run, and the TensorRT accelerator's precision.
+Device = Literal["cpu", "gpu"]
+TrtPrecision = Literal["fp16", "int8"]
+DEVICES: tuple[Device, ...] = get_args(Device)
+TRT_PRECISIONS: tuple[TrtPrecision, ...] = get_args(TrtPrecision)
+
 # The ONNX opsets each PyTorch exporter writes ResNet-18 at, checked on torch 2.13 (its
 # torch.onnx._constants: ONNX_MAX_OPSET 23, ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET 20) and
 # onnxruntime 1.32, which runs them all. Dynamo implements opset 18 and up; asked for

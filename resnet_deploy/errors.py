@@ -7,6 +7,8 @@ message that names the cause and the fix) and :class:`CheckFailed` to exit code 
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class UserError(Exception):
     """Bad input: a missing or corrupt file, wrong keys, an unavailable provider."""
@@ -19,6 +21,6 @@ class ProviderUnavailable(UserError):
 class CheckFailed(Exception):
     """A measured check (parity, accuracy) did not meet its threshold."""
 
-    def __init__(self, message: str, report: object | None = None) -> None:
+    def __init__(self, message: str, report: Any = None) -> None:
         super().__init__(message)
-        self.report = report
+        self.report = report  # the full result (with to_dict()), so the CLI can show it

@@ -8,10 +8,10 @@ pass over the folder.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from collections.abc import Sequence
 
 import numpy as np
 
@@ -52,6 +52,8 @@ class ModelAccuracy:
 
 @dataclass(frozen=True)
 class EvaluateResult:
+    """Every model's accuracy on one folder, measured over the same photos."""
+
     images: str
     classes: int
     models: tuple[ModelAccuracy, ...]

@@ -13,20 +13,21 @@ import os
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from collections.abc import Iterator
 
 import numpy as np
 
+from .choices import EXPORTERS, Exporter
 from .errors import CheckFailed, UserError
 from .files import atomic_output
 from .machine import package_versions
 from .metrics import TOLERANCES, CheckResult
 from .model import LoadedWeights
-from .preprocess import (ModelMetadata, PreprocessSpec, image_inputs, list_images,
-                         random_inputs, write_metadata)
+from .preprocess import (ModelMetadata, PreprocessSpec, image_inputs, list_images, random_inputs,
+                         write_metadata)
 from .runtime import OrtBackend, TorchBackend
 
 if TYPE_CHECKING:
@@ -36,7 +37,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 INDUCTOR_CACHE = "TORCHINDUCTOR_CACHE_DIR"
 
-EXPORTERS = ("dynamo", "torchscript")
 SIMPLIFIERS = ("onnxsim", "onnxslim", "none")
 DEFAULT_OPSET = 18
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
@@ -44,7 +44,7 @@ INPUT_NAME, OUTPUT_NAME = "input", "logits"
 
 @dataclass(frozen=True)
 class ExportOptions:
-    exporter: str = "dynamo"
+    exporter: Exporter = "dynamo"
     opset: int = DEFAULT_OPSET
     dynamic_batch: bool = True
     simplify: str = "onnxsim"
@@ -137,6 +137,8 @@ def torch_to_onnx(model: nn.Module, spec: PreprocessSpec, path: Path,
                                             input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                                             dynamic_shapes=shapes, opset_version=options.opset,
                                             verbose=False)
+                if program is None:  # only the TorchScript path returns nothing
+                    raise RuntimeError("torch.onnx.export(dynamo=True) returned no program")
                 program.save(str(path), external_data=False)
             else:
                 axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}

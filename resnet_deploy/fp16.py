@@ -121,7 +121,7 @@ def _topological_sort(graph: onnx.GraphProto) -> None:
         done = {id(n) for n in ready}
         pending = [n for n in pending if id(n) not in done]
     copies = [type(n)() for n in ordered]
-    for copy, node in zip(copies, ordered):
+    for copy, node in zip(copies, ordered, strict=True):
         copy.CopyFrom(node)
     del graph.node[:]
     graph.node.extend(copies)

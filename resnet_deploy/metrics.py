@@ -77,7 +77,7 @@ def compare(reference: np.ndarray, candidate: np.ndarray) -> Comparison:
     rel = diff / np.maximum(np.abs(ref), 1e-6)
     denom = np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1)
     cos = np.where(denom > 0, (ref * cand).sum(axis=1) / np.maximum(denom, 1e-300), 0.0)
-    top5 = [set(a) == set(b) for a, b in zip(top_k(ref, 5), top_k(cand, 5))]
+    top5 = [set(a) == set(b) for a, b in zip(top_k(ref, 5), top_k(cand, 5), strict=True)]
     return Comparison(
         n=len(ref),
         max_abs_diff=float(diff.max()),

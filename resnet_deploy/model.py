@@ -115,6 +115,8 @@ def load_model(weights: str = IMAGENET, *, num_classes: int | None = None,
             torch.manual_seed(seed)
             model = resnet18(num_classes=n)
         return model.eval(), LoadedWeights(RANDOM, None, n, None, seed)
+    labels: list[str] | None
+    labels_source: str | None
     if weights == IMAGENET:
         path = imagenet_checkpoint()
         info_source, labels = IMAGENET, imagenet_labels()

@@ -11,20 +11,20 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from .calibration import warn_skipped
 from .errors import CheckFailed, ProviderUnavailable, UserError
 from .files import atomic_output
 from .metrics import TOLERANCES, CheckResult, Comparison, Tolerance
-from .calibration import warn_skipped
 from .preprocess import PreprocessSpec, list_images, load_batch, seeded_subset
-from .runtime import (Backend, ModelFile, OrtBackend, TorchBackend, provider_name,
-                      short_provider, torch_devices)
+from .runtime import (Backend, ModelFile, OrtBackend, TorchBackend, provider_name, short_provider,
+                      torch_devices)
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +223,7 @@ class Golden:
             raise UserError(f"{self.path}: holds outputs for {len(self.hashes)} inputs but "
                             f"{len(mine)} were given; use the same --images/--random as when it "
                             "was saved")
-        differing = sum(a != b for a, b in zip(self.hashes, mine))
+        differing = sum(a != b for a, b in zip(self.hashes, mine, strict=True))
         if differing:
             raise UserError(f"{self.path}: {differing} of {len(mine)} inputs differ from those "
                             "the golden outputs were made from (other images or another "
@@ -317,7 +317,7 @@ def run_parity(models: Sequence[ModelFile], *, inputs: Inputs, weights_model: An
     for batch in inputs.batches(options.batch_size):
         if reference_backend is not None:
             references.append(reference_backend.infer(batch))
-        for collected, (_, backend) in zip(outputs, candidates):
+        for collected, (_, backend) in zip(outputs, candidates, strict=True):
             collected.append(backend.infer(batch))
     if golden is not None:
         golden.match(inputs)
@@ -325,7 +325,7 @@ def run_parity(models: Sequence[ModelFile], *, inputs: Inputs, weights_model: An
     else:
         reference = np.concatenate(references)
     report.inputs = {"description": inputs.description, "count": len(inputs.names)}
-    for (row, _), collected in zip(candidates, outputs):
+    for (row, _), collected in zip(candidates, outputs, strict=True):
         report.results.append(_judge(row, reference, np.concatenate(collected),
                                      options.tolerances))
     if not report.results:

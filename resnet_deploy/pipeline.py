@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .choices import Method, Target
+from .choices import Exporter, Method, Target, TrtPrecision
 from .errors import CheckFailed, UserError
 from .machine import describe, machine_info, package_versions
 from .model import file_sha256
@@ -57,7 +57,7 @@ class PipelineOptions:
     target: Target = "cpu"
     method: Method = "minmax"
     num_samples: int = 256
-    exporter: str = "dynamo"
+    exporter: Exporter = "dynamo"
     dynamic_batch: bool = True
     parity_limit: int | None = 200
     bench_batch_sizes: tuple[int, ...] = (1,)
@@ -101,13 +101,14 @@ class StepRecord:
 
 @dataclass(frozen=True)
 class PipelineResult:
+    """Where the run wrote, and what each step did (built, up to date or failed)."""
+
     output: str
     manifest: str
     steps: tuple[StepRecord, ...]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"output": self.output, "manifest": self.manifest,
-                "steps": [s.to_dict() for s in self.steps]}
+        return dataclasses.asdict(self)  # the same keys and shapes as StepRecord.to_dict
 
 
 @dataclass(frozen=True)
@@ -358,8 +359,9 @@ def triton_plan(run: Run) -> tuple[TritonOptions, dict[Path, TritonOptions]]:
     base = o.triton or TritonOptions()
     if not o.gpu:
         return base, {}
-    tensorrt = ("int8" if o.target == "tensorrt" else "fp16") if "tensorrt" in o.providers \
-        else None
+    tensorrt: TrtPrecision | None = None
+    if "tensorrt" in o.providers:
+        tensorrt = "int8" if o.target == "tensorrt" else "fp16"
     options = dataclasses.replace(base, device="gpu", tensorrt=tensorrt)
     if tensorrt == "int8":
         return options, {}
@@ -397,9 +399,10 @@ def steps(options: PipelineOptions) -> list[Step]:
                      lambda r: {"providers": list(r.options.providers),
                                 "limit": r.options.parity_limit, "seed": r.options.seed},
                      _parity))
-    if options.eval_images is not None:
+    eval_images = options.eval_images
+    if eval_images is not None:
         plan.append(Step("evaluate", lambda r: {
-            **r.models_input(), "eval_images": r.hashes.folder_input(r.options.eval_images)},
+            **r.models_input(), "eval_images": r.hashes.folder_input(eval_images)},
             lambda r: {"provider": "cpu", "seed": r.options.seed}, _evaluate))
     plan.append(Step("bench", lambda r: r.models_input(), lambda r: {
         "providers": list(r.options.providers), "batch_sizes": list(r.options.bench_batch_sizes),

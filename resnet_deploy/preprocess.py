@@ -13,10 +13,10 @@ import logging
 import math
 import random
 import warnings
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -81,8 +81,8 @@ class PreprocessSpec:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PreprocessSpec:
         known = {f.name for f in dataclasses.fields(cls)}
-        values = {k: (tuple(v) if isinstance(v, list) else v)
-                  for k, v in data.items() if k in known}
+        values: dict[str, Any] = {k: (tuple(v) if isinstance(v, list) else v)
+                                  for k, v in data.items() if k in known}
         return cls(**values)
 
 
@@ -99,11 +99,11 @@ def load_image(path: str | Path) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                if img.width * img.height > MAX_IMAGE_PIXELS:
-                    raise UserError(f"{path}: {img.width}x{img.height} pixels is over the "
-                                    f"{MAX_IMAGE_PIXELS // 1_000_000} MP limit for a photo")
-                img = ImageOps.exif_transpose(img)
+            with Image.open(path) as opened:
+                if opened.width * opened.height > MAX_IMAGE_PIXELS:
+                    raise UserError(f"{path}: {opened.width}x{opened.height} pixels is over "
+                                    f"the {MAX_IMAGE_PIXELS // 1_000_000} MP limit for a photo")
+                img: Image.Image = ImageOps.exif_transpose(opened)
                 img.load()
     except UserError:
         raise
@@ -125,8 +125,8 @@ def to_tensor(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
     """One image through the spec: returns CHW float32, the layout the model takes."""
     from PIL import Image
 
-    resample = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC,
-                "nearest": Image.NEAREST}[spec.interpolation]
+    resample = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
+                "nearest": Image.Resampling.NEAREST}[spec.interpolation]
     w, h = img.size
     # Same arithmetic as torchvision's Resize(int): the shorter side becomes resize_size.
     if w <= h:
@@ -138,9 +138,9 @@ def to_tensor(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
     s = spec.input_size
     top, left = int(round((h - s) / 2.0)), int(round((w - s) / 2.0))
     img = img.crop((left, top, left + s, top + s))
-    arr = np.asarray(img, dtype=np.float32) / 255.0
-    arr = (arr - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
-    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+    scaled = np.asarray(img, dtype=np.float32) / np.float32(255.0)
+    normalised = (scaled - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
+    return np.ascontiguousarray(normalised.transpose(2, 0, 1))
 
 
 def preprocess_file(path: str | Path, spec: PreprocessSpec) -> np.ndarray:

@@ -17,22 +17,22 @@ import io
 import logging
 import tempfile
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from collections.abc import Iterator, Sequence
 
 import numpy as np
 
 from . import layers
-from .calibration import (DEFAULT_BATCH, DEFAULT_NUM_SAMPLES, ImageFolderReader,
-                          LabelledImages, hits, labelled_images, read_images)
+from .calibration import (DEFAULT_BATCH, DEFAULT_NUM_SAMPLES, ImageFolderReader, LabelledImages,
+                          hits, labelled_images, read_images)
 from .choices import METHODS, QUANT_TYPES, TARGETS, Method, QuantType, Target
 from .errors import CheckFailed, UserError
 from .files import atomic_output
+from .machine import cpu_info, saturates
 from .metrics import TOLERANCES, CheckResult, compare, round_sig
 from .model import file_sha256
-from .machine import cpu_info, saturates
 from .preprocess import ModelMetadata, PreprocessSpec, list_images, seeded_subset, write_metadata
 from .runtime import ModelFile, OrtBackend, SessionConfig, int8_weight_peak, run_batched
 
@@ -583,6 +583,7 @@ def quantize(model: str | Path, calibration: str | Path, output: str | Path | No
                 fallback = keep_sensitive_in_fp32(pre, cache, int8, settings, options, op_types,
                                                   evalset.inputs, evalset.targets, reference,
                                                   simulate=cpu_note is not None)
+                assert fallback.logits is not None  # it measured at least the plain model
                 logits, accuracy = fallback.logits, fallback.accuracy(reference, evalset.targets,
                                                                       options.max_top1_drop)
             check = CheckResult.judge(f"FP32 vs INT8 on {evalset.source}", reference, logits,

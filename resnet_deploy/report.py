@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from .errors import UserError
 from .files import atomic_output, write_text
-
+from .metrics import CheckResult
 
 # One style for every number a command prints (JSON keeps the full values):
 #   share   accuracy and agreement, a fraction shown as a percentage with 2 decimals: 99.46%
@@ -123,6 +123,43 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[Column | tupl
     lines = [line(headers), line(["-" * w for w in widths]), *map(line, cells)]
     note = footer(cols) if explain else ""
     return "\n".join(lines + ([note] if note else []))
+
+
+def comparison_columns(between: str) -> list[Column]:
+    """The columns every check shows, in one order and one wording (``between`` names the
+    two sides, e.g. ``FP32 - INT8``)."""
+    return [
+        Column("top1_agreement", "matches on top-1", "share",
+               "images where both pick the same class"),
+        Column("top5_agreement", "matches on top-5", "share",
+               "images whose five best classes are the same set"),
+        Column("cosine_p1", "cosine p1", "cosine",
+               "1st percentile of the per-image cosine of the logits: 99% of images are closer"),
+        Column("cosine_min", "worst cosine", "cosine",
+               "lowest per-image cosine (1 = same direction)"),
+        Column("max_abs_diff", "largest abs diff", "error",
+               f"largest |{between}| over every logit (also the smallest --atol that passes)"),
+    ]
+
+
+def format_checks(title: str, checks: Sequence[CheckResult], between: str, *,
+                  lead: Sequence[tuple[Column, Sequence[Any]]] = ()) -> str:
+    """A block for one or more CheckResults: the title with the rules, a table (``lead``
+    columns first, one value per check), and the verdict with what would have passed."""
+    rows = [{**{col.key: values[i] for col, values in lead}, **c.comparison.to_dict()}
+            for i, c in enumerate(checks)]
+    table = format_table(rows, [col for col, _ in lead] + comparison_columns(between))
+    failed = [c for c in checks if not c]
+    lines = [f"{title} ({checks[0].tolerance.describe()}):", table]
+    if failed:
+        need = failed[0].would_pass()
+        lines.append(f"check: FAIL ({'; '.join(c.reason for c in failed)}); it would pass "
+                     f"with --atol {significant(need['atol'])} --min-cosine "
+                     f"{cosine(min(need['min_cosine'], need['min_cosine_p1']))} --min-top1 "
+                     f"{need['min_top1']:.4f}")
+    else:
+        lines.append("check: PASS")
+    return "\n".join(lines)
 
 
 def format_markdown(rows: Sequence[dict[str, Any]],

@@ -8,9 +8,9 @@ creating the session (it silently falls back to CPU when CUDA libraries are miss
 from __future__ import annotations
 
 import json
-from abc import ABC, abstractmethod
 import logging
 import os
+from abc import ABC, abstractmethod
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +20,7 @@ import numpy as np
 
 from .errors import ProviderUnavailable, UserError
 from .machine import cpu_info, saturates
-from .preprocess import (ModelMetadata, PreprocessSpec, load_onnx, metadata_from_proto,
-                         resolve_spec)
+from .preprocess import ModelMetadata, PreprocessSpec, load_onnx, metadata_from_proto, resolve_spec
 
 if TYPE_CHECKING:
     import onnx
@@ -124,7 +123,7 @@ def create_session(model: str | Path, provider: str = "cpu",
         opts.profile_file_prefix = str(Path(os.environ.get("TMPDIR", "/tmp")) / "rd_profile")
     source: str | bytes = str(model)
     try:
-        source.encode("utf-8")
+        str(model).encode("utf-8")
     except UnicodeEncodeError:  # a file name that is not UTF-8: ORT takes only UTF-8 paths
         source = Path(model).read_bytes()
     try:

@@ -116,7 +116,7 @@ def test_busy_machine_is_named_quiet_machine_is_not() -> None:
 def test_busy_warning_printed_by_the_cli(random_onnx: Path,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """Timings with a slow tail in every third call, as when another job shares the cores."""
-    def noisy(runners, options, say, batch, which=""):  # noqa: ANN001, ANN202
+    def noisy(runners, options, say, batch, which=""):
         return [[(3_000_000 if i % 3 == 0 else 1_000_000) for i in range(12)] for _ in runners]
 
     monkeypatch.setattr(bench, "_interleave", noisy)
@@ -299,8 +299,11 @@ def test_gpu_check_cpu_smoke_mode(random_onnx: Path, tmp_path: Path) -> None:
     assert steps["bench-m-cpu"]["status"] == "ok", (results / "logs/bench-m-cpu.log").read_text()
     assert steps["bench-gpu"]["status"] == "skipped"
     assert {"parity-m", "quantize-m"} <= set(steps)
-    assert all(s["status"] in ("ok", "failed", "timeout", "skipped") for s in steps.values())
-    assert proc.returncode == (0 if summary["passed"] else 1)
+    # On CPU every step that can run must succeed; only the GPU steps are skipped.
+    failed = {name: s["status"] for name, s in steps.items()
+              if s["status"] not in ("ok", "skipped")}
+    assert not failed, (failed, proc.stderr[-2000:])
+    assert proc.returncode == 0 and summary["passed"]
     bench = json.loads((results / "bench-m-cpu.json").read_text())
     models = [r["model"] for r in bench["results"]]
     assert str(model) in models and "torch" in models and len(models) >= 3

@@ -19,7 +19,7 @@ from resnet_deploy.runtime import OrtBackend
 from .conftest import CIFAR_CKPT, CIFAR_DEV, assert_names_machine
 
 
-def run(*args: str) -> "click.testing.Result":  # noqa: F821
+def run(*args: str) -> click.testing.Result:  # noqa: F821
     return CliRunner().invoke(main, [str(a) for a in args])
 
 

@@ -23,8 +23,8 @@ from resnet_deploy.cli import main
 from resnet_deploy.metrics import TOLERANCES, Tolerance, compare
 from resnet_deploy.preprocess import list_images, read_metadata
 from resnet_deploy.quantize import QuantizeOptions, quantize, simulated_check
-from resnet_deploy.runtime import (SATURATION_FREE_MAX, ModelFile, OrtBackend,
-                                   int8_weight_peak, run_batched)
+from resnet_deploy.runtime import (SATURATION_FREE_MAX, ModelFile, OrtBackend, int8_weight_peak,
+                                   run_batched)
 
 from .conftest import CALIBRATION, CIFAR_CALIB, CIFAR_DEV, assert_names_machine
 

@@ -14,13 +14,8 @@ from tritonclient.grpc import model_config_pb2 as pb
 
 from resnet_deploy.cli import main
 from resnet_deploy.errors import UserError
-from resnet_deploy.package import (
-    TritonOptions,
-    check_repository,
-    config_problems,
-    package_triton,
-    repository_name,
-)
+from resnet_deploy.package import (TritonOptions, check_repository, config_problems, package_triton,
+                                   repository_name)
 from resnet_deploy.preprocess import load_onnx
 
 from .conftest import CALIBRATION

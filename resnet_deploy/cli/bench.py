@@ -10,17 +10,8 @@ import click
 from ..errors import UserError
 from ..files import check_outputs
 from .app import main
-from .options import (
-    provider_option,
-    Finite,
-    describe_machine,
-    emit,
-    json_option,
-    progress_enabled,
-    weights_option,
-    write_json_if,
-)
-
+from .options import (Finite, describe_machine, emit, json_option, progress_enabled,
+                      provider_option, weights_option, write_json_if)
 
 # A batch is allocated up front: 1024 images at 224 px are 0.6 GB, a typo of 100000 is 60 GB.
 MAX_BATCH = 1024

@@ -9,16 +9,8 @@ import click
 
 from ..files import check_outputs
 from .app import main
-from .options import (
-    provider_option,
-    build_spec,
-    describe_machine,
-    emit,
-    json_option,
-    preprocess_options,
-    progress_enabled,
-    write_json_if,
-)
+from .options import (build_spec, describe_machine, emit, json_option, preprocess_options,
+                      progress_enabled, provider_option, write_json_if)
 
 
 @main.command()

@@ -7,33 +7,17 @@ from typing import Any
 
 import click
 
-from ..choices import OPSETS
+from ..choices import EXPORTERS, OPSETS, Exporter
 from ..files import check_outputs
 from ..model import IMAGENET1K_V1
 from .app import main
-from .options import (
-    DEFAULT_IMAGES,
-    DEFAULT_MODEL,
-    build_spec,
-    describe_machine,
-    emit,
-    json_option,
-    preprocess_options,
-    random_banner,
-    read_labels,
-    show_result,
-    weights_option,
-)
+from .options import (DEFAULT_IMAGES, DEFAULT_MODEL, build_spec, describe_machine, emit,
+                      json_option, random_banner, read_labels, show_result, source_options)
 
 
 @main.command()
-@weights_option("imagenet")
-@click.option("--num-classes", type=click.IntRange(min=1), default=None,
-              help="Classes of a random model (inferred from fc.weight for checkpoints).")
-@preprocess_options()
-@click.option("--labels", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Class names, one per line (ImageNet's ship with --weights imagenet).")
-@click.option("--exporter", type=click.Choice(["dynamo", "torchscript"]), default="dynamo",
+@source_options
+@click.option("--exporter", type=click.Choice(EXPORTERS), default="dynamo",
               show_default=True)
 @click.option("--opset", type=click.IntRange(min(lo for lo, _ in OPSETS.values()),
                                              max(hi for _, hi in OPSETS.values())),
@@ -51,7 +35,7 @@ from .options import (
               default=DEFAULT_MODEL, show_default=True)
 @json_option
 def export(weights: str, num_classes: int | None, input_size: int | None,
-           resize_size: int | None, mean: Any, std: Any, labels: Path | None, exporter: str,
+           resize_size: int | None, mean: Any, std: Any, labels: Path | None, exporter: Exporter,
            opset: int, dynamic_batch: bool, simplify: str, parity_images: Path, seed: int,
            output: Path, json_path: Path | None) -> None:
     """Export ResNet-18 to a single verified ONNX file.
@@ -102,7 +86,7 @@ def simplifier_line(result: Any) -> str:
 
 
 def render_export(result: Any) -> None:
-    from ..report import Column, format_table
+    from ..report import Column, format_checks
 
     emit(f"machine: {describe_machine()}")
     emit(f"{result.output}: {result.exporter} exporter, opset {result.opset}, "
@@ -112,14 +96,6 @@ def render_export(result: Any) -> None:
     emit(f"layer names: {result.layers} of {result.nodes_after} nodes named after their "
          "PyTorch module (recorded in the model)")
     emit("times: " + ", ".join(f"{k} {v:.2f}s" for k, v in result.seconds.items()))
-    parity = result.parity
-    emit(f"parity, PyTorch vs ORT CPU on {parity['inputs']} ({parity['tolerance']}):")
-    emit(format_table(parity["rows"], [
-        Column("batch_size", "batch", "int"),
-        Column("max_abs_diff", "largest abs diff", "error",
-               "largest |PyTorch - ORT| over every logit (also the smallest --atol that passes)"),
-        Column("cosine_min", "worst cosine", "cosine",
-               "lowest per-image cosine of the two logit vectors (1 = same direction)"),
-        Column("top1_agreement", "matches on top-1", "share",
-               "images where both pick the same class")]))
-    emit("parity: PASS" if parity["passed"] else "parity: FAIL")
+    emit(format_checks(f"parity, PyTorch vs ORT CPU on {result.parity_inputs}",
+                       list(result.checks.values()), "PyTorch - ORT",
+                       lead=[(Column("batch", "batch", "int"), list(result.checks))]))

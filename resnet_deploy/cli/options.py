@@ -34,6 +34,10 @@ class Finite(click.FloatRange):
             self.fail(f"{value!r} is not a finite number.", param, ctx)
         return super().convert(number, param, ctx)
 
+    def _describe_range(self) -> str:
+        """click's text for an unbounded range is ``x<=None``; say "finite" instead."""
+        return "finite" if self.min is None and self.max is None else super()._describe_range()
+
 
 def preprocess_options(required: bool = False) -> Decorator:
     """--input-size/--resize-size/--mean/--std; None unless given, so model metadata wins."""
@@ -176,3 +180,16 @@ def provider_option(*, single: bool = False) -> Decorator:
                         help="ONNX Runtime provider" + ("" if single else
                              "s (repeatable or a comma list)") +
                         "; a missing one is an error, never a silent CPU run.")
+
+
+def source_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """What a PyTorch model is exported from: --weights, --num-classes, the preprocessing
+    and --labels (export and pipeline)."""
+    fn = click.option("--labels", type=click.Path(dir_okay=False, path_type=Path),
+                      default=None, help="Class names, one per line (default: a model.json "
+                      "or labels.txt beside the checkpoint, or ImageNet's).")(fn)
+    fn = preprocess_options()(fn)
+    fn = click.option("--num-classes", type=click.IntRange(min=1), default=None,
+                      help="Classes of a random model (inferred from fc.weight for "
+                           "checkpoints).")(fn)
+    return weights_option("imagenet")(fn)

@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from ..choices import DEVICES, TRT_PRECISIONS, Device, TrtPrecision
 from ..errors import UserError
 from .app import main
 from .options import emit, json_option, write_json_if
@@ -52,9 +53,9 @@ def triton_options(fn: Any) -> Any:
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path),
               default=DEFAULT_REPOSITORY, show_default=True,
               help="The repository folder (replaced when it was written by this command).")
-@click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
+@click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True,
               help="Instance group kind.")
-@click.option("--tensorrt", type=click.Choice(["fp16", "int8"]), default=None,
+@click.option("--tensorrt", type=click.Choice(TRT_PRECISIONS), default=None,
               help="GPU only: the TensorRT accelerator. fp16 runs FP32/FP16 models in FP16; "
                    "int8 also runs INT8 (QDQ) models in INT8, which they need on GPU.")
 @click.option("--trt-workspace-mb", type=click.IntRange(min=16), default=1024,
@@ -64,10 +65,10 @@ def triton_options(fn: Any) -> Any:
 @triton_options
 @click.option("--no-warmup", is_flag=True, help="Leave out model_warmup (zero data).")
 @json_option
-def package(fmt: str, models: tuple[Path, ...], output: Path, device: str,
-            tensorrt: str | None, trt_workspace_mb: int, trt_cache: str, max_batch_size: int,
-            preferred: str | None, queue_delay_us: int, instances: int, no_warmup: bool,
-            json_path: Path | None) -> None:
+def package(fmt: str, models: tuple[Path, ...], output: Path, device: Device,
+            tensorrt: TrtPrecision | None, trt_workspace_mb: int, trt_cache: str,
+            max_batch_size: int, preferred: str | None, queue_delay_us: int, instances: int,
+            no_warmup: bool, json_path: Path | None) -> None:
     """Write a Triton Inference Server model repository for ONNX models.
 
     Each model gets <name>/config.pbtxt, derived from its graph (names, dtypes, dims,

@@ -10,19 +10,9 @@ import click
 from ..errors import UserError
 from ..files import check_outputs
 from .app import main
-from .options import (
-    provider_option,
-    DEFAULT_IMAGES,
-    Finite,
-    build_spec,
-    describe_machine,
-    emit,
-    json_option,
-    preprocess_options,
-    random_banner,
-    weights_option,
-    write_json_if,
-)
+from .options import (DEFAULT_IMAGES, Finite, build_spec, describe_machine, emit, json_option,
+                      preprocess_options, provider_option, random_banner, weights_option,
+                      write_json_if)
 
 
 @main.command()
@@ -103,7 +93,7 @@ def parity(models: tuple[Path, ...], weights: str | None, providers: tuple[str, 
 
 
 def render_parity(report: Any) -> None:
-    from ..report import Column, format_table
+    from ..report import Column, comparison_columns, format_table
 
     emit(f"machine: {describe_machine()}")
     emit(f"reference: {report.reference}; inputs: {report.inputs['description']}")
@@ -112,18 +102,7 @@ def render_parity(report: Any) -> None:
     if rows:  # a reference-only run (--save-outputs) has no table to show
         emit(format_table(rows, [
             Column("backend", "backend"), Column("precision", "precision"),
-            Column("max_abs_diff", "largest abs diff", "error",
-                   "largest |reference - backend| over every logit (also the smallest "
-                   "--atol that passes)"),
-            Column("mean_abs_diff", "mean abs diff", "error"),
-            Column("cosine_min", "worst cosine", "cosine",
-                   "lowest per-image cosine of the logits (1 = same direction)"),
-            Column("cosine_p1", "cosine p1", "cosine",
-                   "1st percentile of the per-image cosine: 99% of images are closer"),
-            Column("top1_agreement", "matches on top-1", "share",
-                   "images where both pick the same class"),
-            Column("top5_agreement", "matches on top-5", "share",
-                   "images whose five best classes are the same set"),
+            *comparison_columns("reference - backend"),
             Column("nonfinite", "NaN/Inf", "int"), Column("verdict", "verdict")]))
     rules = {r.precision: r.tolerance for r in report.results if not r.skipped}
     if rules:

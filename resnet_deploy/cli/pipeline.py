@@ -7,33 +7,17 @@ from typing import Any
 
 import click
 
-from ..choices import METHODS, TARGETS
+from ..choices import EXPORTERS, METHODS, TARGETS, Exporter, Method, Target
 from ..errors import CheckFailed
 from ..model import IMAGENET1K_V1
 from .app import main
-from .options import (
-    provider_option,
-    DEFAULT_IMAGES,
-    build_spec,
-    describe_machine,
-    emit,
-    json_option,
-    preprocess_options,
-    random_banner,
-    read_labels,
-    weights_option,
-    write_json_if,
-)
+from .options import (DEFAULT_IMAGES, build_spec, describe_machine, emit, json_option,
+                      provider_option, random_banner, read_labels, source_options, write_json_if)
 from .package import split_sizes, triton_options
 
 
 @main.command()
-@weights_option("imagenet")
-@click.option("--num-classes", type=click.IntRange(min=1), default=None,
-              help="Classes of a random model (inferred from fc.weight for checkpoints).")
-@preprocess_options()
-@click.option("--labels", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Class names, one per line (they reach Triton's labels.txt).")
+@source_options
 @click.option("--calibration", type=click.Path(path_type=Path), default=DEFAULT_IMAGES,
               show_default=True, help="Photos for INT8 calibration (searched recursively).")
 @click.option("--eval-images", type=click.Path(path_type=Path), default=None,
@@ -45,7 +29,7 @@ from .package import split_sizes, triton_options
               help="Calibration method.")
 @click.option("--num-samples", type=click.IntRange(min=1), default=256, show_default=True,
               help="Calibration images (a seeded subset of a larger folder).")
-@click.option("--exporter", type=click.Choice(["dynamo", "torchscript"]), default="dynamo",
+@click.option("--exporter", type=click.Choice(EXPORTERS), default="dynamo",
               show_default=True)
 @click.option("--dynamic-batch/--static-batch", default=True, show_default=True)
 @click.option("--parity-limit", type=click.IntRange(min=1), default=200, show_default=True,
@@ -63,7 +47,8 @@ from .package import split_sizes, triton_options
 def pipeline(weights: str, num_classes: int | None, input_size: int | None,
              resize_size: int | None, mean: Any, std: Any, labels: Path | None,
              calibration: Path, eval_images: Path | None, providers: tuple[str, ...],
-             target: str, method: str, num_samples: int, exporter: str, dynamic_batch: bool,
+             target: Target, method: Method, num_samples: int, exporter: Exporter,
+             dynamic_batch: bool,
              parity_limit: int, bench_batch_size: str, bench_iterations: int, triton: bool,
              max_batch_size: int, preferred: str | None, queue_delay_us: int, instances: int,
              seed: int, force: bool, output: Path, json_path: Path | None) -> None:
@@ -118,8 +103,25 @@ def render_pipeline(result: Any) -> None:
                              Column("seconds", "seconds", "number",
                                     "time this run spent on the step"),
                              Column("outputs", "files", "int"), ("result", "result")]))
+    emit("artifacts:")
+    emit(format_table(artifact_rows(result), [("path", "path"), ("step", "made by"),
+                                              Column("kb", "kB", "number")]))
     emit(f"manifest: {result.manifest} (check it any time: resnet-deploy verify "
          f"{result.manifest})")
+
+
+def artifact_rows(result: Any) -> list[dict[str, Any]]:
+    """Where each artifact is, in the order the steps made them; a folder of many files
+    (the Triton repository) is one row with their total size."""
+    out = Path(result.output)
+    rows: dict[str, dict[str, Any]] = {}
+    for record in result.steps:
+        for entry in record.outputs:
+            top, _, inner = entry["path"].partition("/")
+            row = rows.setdefault(top, {"path": str(out / top) + ("/" if inner else ""),
+                                        "step": record.step, "kb": 0.0})
+            row["kb"] += entry["bytes"] / 1e3
+    return list(rows.values())
 
 
 def step_summary(record: Any) -> str:

@@ -7,19 +7,11 @@ from typing import Any
 
 import click
 
-from ..choices import METHODS, QUANT_TYPES, TARGETS
+from ..choices import METHODS, QUANT_TYPES, TARGETS, Method, QuantType, Target
 from ..files import check_outputs
 from .app import main
-from .options import (
-    Finite,
-    build_spec,
-    describe_machine,
-    emit,
-    json_option,
-    preprocess_options,
-    progress_enabled,
-    show_result,
-)
+from .options import (Finite, build_spec, describe_machine, emit, json_option, preprocess_options,
+                      progress_enabled, show_result)
 
 
 @main.command()
@@ -61,9 +53,10 @@ from .options import (
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @preprocess_options()
 @json_option
-def quantize(model: Path, calibration: Path, output: Path | None, method: str,
-             num_samples: int, per_channel: bool | None, activation_type: str | None,
-             weight_type: str | None, reduce_range: bool, target: str, exclude: tuple[str, ...],
+def quantize(model: Path, calibration: Path, output: Path | None, method: Method,
+             num_samples: int, per_channel: bool | None, activation_type: QuantType | None,
+             weight_type: QuantType | None, reduce_range: bool, target: Target,
+             exclude: tuple[str, ...],
              eval_images: Path | None, max_top1_drop: float | None, max_fallback: int,
              skip_check: bool, strict: bool, seed: int, input_size: int | None,
              resize_size: int | None,
@@ -102,22 +95,9 @@ def quantize(model: Path, calibration: Path, output: Path | None, method: str,
                 render_quantize, json_path)
 
 
-CHECK_COLUMNS = (
-    ("top1_agreement", "matches on top-1", "share",
-     "images where FP32 and INT8 pick the same class"),
-    ("top5_agreement", "matches on top-5", "share",
-     "images whose five best classes are the same set"),
-    ("cosine_p1", "cosine p1", "cosine",
-     "1st percentile of the per-image cosine of the logits: 99% of images are closer"),
-    ("cosine_min", "worst cosine", "cosine", "lowest per-image cosine (1 = same direction)"),
-    ("cosine_mean", "mean cosine", "cosine", ""),
-    ("max_abs_diff", "largest abs diff", "error", "largest |FP32 - INT8| over every logit"),
-)
-
-
 def render_quantize(result: Any) -> None:
     from ..layers import display
-    from ..report import Column, format_table, share
+    from ..report import Column, format_checks, format_table, share
 
     s = result.settings
     emit(f"machine: {describe_machine()}")
@@ -133,10 +113,7 @@ def render_quantize(result: Any) -> None:
     if result.check is None:
         emit(f"check: {result.check_note}")
     else:
-        c = result.check
-        emit(f"check, {c.subject} ({c.tolerance.describe()}):")
-        emit(format_table([c.comparison.to_dict()], [Column(*col) for col in CHECK_COLUMNS]))
-        emit(f"check: {'PASS' if c else 'FAIL (' + c.reason + ')'}")
+        emit(format_checks(f"check, {result.check.subject}", [result.check], "FP32 - INT8"))
     for note in result.notes:
         emit(f"note: {note}")
     if result.accuracy is not None:
