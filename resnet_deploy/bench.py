@@ -20,7 +20,7 @@ import resource
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -292,7 +292,11 @@ class Target:
     make_runner: Callable[[np.ndarray], Runner]
     session_s: float = 0.0
     placement: dict[str, int] | None = None
-    state: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None  # the ONNX file (None for the torch baseline)
+    meta: ModelMetadata | None = None
+    session: ort.InferenceSession | None = None
+    graph_batch: int | None = None  # the batch a captured CUDA graph was built for
+    creation_rss_mb: float = 0.0  # peak RSS while the target was built
 
 
 class _Sessions:
@@ -328,29 +332,29 @@ def _onnx_target(path: Path, options: BenchOptions, sessions: _Sessions) -> Targ
     device = "cpu" if sessions.provider == PROVIDERS["cpu"] else "cuda"
 
     def make_runner(batch: np.ndarray) -> Runner:
-        current = target.state["session"]
         if options.cuda_graph:
             # A captured graph replays one shape at fixed addresses: one session per batch.
-            if target.state.get("graph_batch") not in (None, len(batch)):
-                target.state["session"] = current = None  # free the old graph first
-                current, target.session_s = sessions.create(path, precision)
-                target.state["session"] = current
-            target.state["graph_batch"] = len(batch)
+            if target.graph_batch not in (None, len(batch)):
+                target.session = None  # free the old graph first
+                target.session, target.session_s = sessions.create(path, precision)
+            target.graph_batch = len(batch)
+        current = target.session
+        assert current is not None
         if options.io_binding:
             return IoBindingRunner(current, batch, device, need_fixed_outputs=options.cuda_graph)
         return OrtRunner(current, batch)
 
     target = Target(label=str(path), provider=short_provider(sessions.provider),
                     precision=precision, input_size=size, input_dtype=dtype,
-                    static_batch=static, make_runner=make_runner, session_s=seconds)
-    target.state.update(session=session, meta=meta, path=path)
+                    static_batch=static, make_runner=make_runner, session_s=seconds,
+                    path=path, meta=meta, session=session)
     return target
 
 
 def _placement(target: Target, sessions: _Sessions, batch: np.ndarray) -> dict[str, int]:
     """Run one batch in a separate profiled session and count nodes per provider."""
-    path = target.state["path"]
-    session = create_session(path, sessions.provider,
+    assert target.path is not None
+    session = create_session(target.path, sessions.provider,
                              sessions.config(target.precision, profile=True))
     session.run(None, {session.get_inputs()[0].name: batch})
     return node_placement(session)
@@ -450,7 +454,7 @@ def run_bench(models: Sequence[str | Path], options: BenchOptions = BenchOptions
         say(f"loading {path}")
         _reset_peak_rss()
         target = _onnx_target(path, options, sessions)
-        target.state["creation_rss_mb"] = peak_rss_mb()
+        target.creation_rss_mb = peak_rss_mb()
         if target.static_batch is not None and set(options.batch_sizes) != {target.static_batch}:
             raise UserError(f"{path}: has a static batch of {target.static_batch}; use "
                             f"--batch-size {target.static_batch} or export with "
@@ -459,9 +463,9 @@ def run_bench(models: Sequence[str | Path], options: BenchOptions = BenchOptions
     if options.torch_baseline:
         say("building the torch baseline")
         _reset_peak_rss()
-        torch_target, note = _torch_target(targets[0].state["meta"], targets[0].input_size,
+        torch_target, note = _torch_target(targets[0].meta, targets[0].input_size,
                                            options, provider)
-        torch_target.state["creation_rss_mb"] = peak_rss_mb()
+        torch_target.creation_rss_mb = peak_rss_mb()
         targets.append(torch_target)
         if note:
             notes.append(note)
@@ -469,7 +473,7 @@ def run_bench(models: Sequence[str | Path], options: BenchOptions = BenchOptions
 
     if options.placement:
         for target in targets:
-            if "path" not in target.state:
+            if target.path is None:
                 continue
             target.placement = _placement(target, sessions, _inputs(target, first_batch,
                                                                     options.seed))
@@ -497,8 +501,8 @@ def run_bench(models: Sequence[str | Path], options: BenchOptions = BenchOptions
                 raise UserError(f"{target.label}: returned {runner.output_rows()} rows for a "
                                 f"batch of {batch}")
             # The peak covers this batch's warm-up, plus session creation where it happened.
-            created = target.state.pop("creation_rss_mb", 0.0)
-            rss[index, batch] = max(created, peak_rss_mb())
+            rss[index, batch] = max(target.creation_rss_mb, peak_rss_mb())
+            target.creation_rss_mb = 0.0  # counted once, in the first batch
             runners.append(runner)
         samples = _interleave(runners, options, say, batch,
                               f" ({step} of {len(options.batch_sizes)})"

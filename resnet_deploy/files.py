@@ -48,6 +48,13 @@ def write_text(path: str | Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8", errors="surrogateescape")
 
 
+def beside(model: str | Path, tag: str) -> Path:
+    """Where a model derived from ``model`` goes by default: ``A.onnx`` -> ``A.<tag>.onnx``
+    beside it (INT8 and FP16 copies keep the name they came from)."""
+    model = Path(model)
+    return model.with_name(f"{model.name.removesuffix('.onnx')}.{tag}.onnx")
+
+
 def _same(a: Path, b: Path) -> bool:
     """The same file: equal resolved paths, or one inode reached through a link."""
     if a.resolve() == b.resolve():

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import CheckFailed, UserError
 from .export import parity_inputs
-from .files import atomic_output
+from .files import atomic_output, beside
 from .metrics import TOLERANCES, CheckResult
 from .model import file_sha256
 from .preprocess import PreprocessSpec, load_onnx, write_metadata
@@ -35,9 +35,7 @@ CONVERTER = "onnxruntime.transformers.float16"
 
 def default_output(model: str | Path) -> Path:
     """``A.onnx`` -> ``A.fp16.onnx`` beside it."""
-    model = Path(model)
-    stem = model.name.removesuffix(".onnx") if model.name.endswith(".onnx") else model.name
-    return model.with_name(f"{stem}.fp16.onnx")
+    return beside(model, "fp16")
 
 
 @dataclass(frozen=True)

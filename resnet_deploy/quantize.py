@@ -29,7 +29,7 @@ from .calibration import (DEFAULT_BATCH, DEFAULT_NUM_SAMPLES, ImageFolderReader,
                           hits, labelled_images, read_images)
 from .choices import METHODS, QUANT_TYPES, TARGETS, Method, QuantType, Target
 from .errors import CheckFailed, UserError
-from .files import atomic_output
+from .files import atomic_output, beside
 from .machine import cpu_info, saturates
 from .metrics import TOLERANCES, CheckResult, compare, round_sig
 from .model import file_sha256
@@ -244,9 +244,9 @@ class QuantizeResult:
         }
 
 
-def default_output(model: Path) -> Path:
+def default_output(model: str | Path) -> Path:
     """resnet18.onnx -> resnet18.int8.onnx, beside the input."""
-    return model.with_name(f"{model.stem}.int8.onnx")
+    return beside(model, "int8")
 
 
 @contextlib.contextmanager

@@ -143,7 +143,8 @@ def comparison_columns(between: str) -> list[Column]:
 
 
 def format_checks(title: str, checks: Sequence[CheckResult], between: str, *,
-                  lead: Sequence[tuple[Column, Sequence[Any]]] = ()) -> str:
+                  lead: Sequence[tuple[Column, Sequence[Any]]] = (), verdict: str = "check",
+                  ) -> str:
     """A block for one or more CheckResults: the title with the rules, a table (``lead``
     columns first, one value per check), and the verdict with what would have passed."""
     rows = [{**{col.key: values[i] for col, values in lead}, **c.comparison.to_dict()}
@@ -153,12 +154,12 @@ def format_checks(title: str, checks: Sequence[CheckResult], between: str, *,
     lines = [f"{title} ({checks[0].tolerance.describe()}):", table]
     if failed:
         need = failed[0].would_pass()
-        lines.append(f"check: FAIL ({'; '.join(c.reason for c in failed)}); it would pass "
+        lines.append(f"{verdict}: FAIL ({'; '.join(c.reason for c in failed)}); it would pass "
                      f"with --atol {significant(need['atol'])} --min-cosine "
                      f"{cosine(min(need['min_cosine'], need['min_cosine_p1']))} --min-top1 "
                      f"{need['min_top1']:.4f}")
     else:
-        lines.append("check: PASS")
+        lines.append(f"{verdict}: PASS")
     return "\n".join(lines)
 
 

@@ -118,7 +118,7 @@ def test_cli_prints_the_check(fp32: Path, tmp_path: Path) -> None:
     assert f"images: calibration 4 (percentile), check {PHOTOS - 4}" in result.output
     assert f"check, FP32 vs INT8 on {PHOTOS - 4} images" in result.output
     assert "matches on top-1" in result.output and "of FP32" in result.output
-    assert "columns: matches on top-1 = images where FP32 and INT8 pick" in result.output
+    assert "columns: matches on top-1 = images where both pick the same class" in result.output
     assert read_metadata(out).quantization["calibrator"]["percentile"] == 99.999
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -15,6 +15,9 @@ from .options import (Finite, describe_machine, emit, json_option, progress_enab
 
 # A batch is allocated up front: 1024 images at 224 px are 0.6 GB, a typo of 100000 is 60 GB.
 MAX_BATCH = 1024
+
+if TYPE_CHECKING:
+    from ..bench import BenchReport
 
 
 def split_batch_sizes(value: str) -> tuple[int, ...]:
@@ -107,9 +110,7 @@ def bench(models: tuple[Path, ...], providers: tuple[str, ...], batch_sizes: str
     if markdown_path is not None:
         from ..report import format_markdown, write_text
 
-        machine = report.machine
-        write_text(markdown_path, f"Machine: {describe_machine()}; onnxruntime "
-                   f"{machine['versions']['onnxruntime']}\n\n"
+        write_text(markdown_path, f"{machine_line(report)}\n\n"
                    + format_markdown(table_rows(report), bench_columns(report)))
         emit(f"wrote {markdown_path}")
     if plot_path is not None:
@@ -170,12 +171,17 @@ def bench_columns(report: Any) -> list[Any]:
     ]
 
 
-def render_bench(report: Any) -> None:
+def machine_line(report: BenchReport) -> str:
+    """What the figures were measured on, for the console and the Markdown alike."""
+    machine = report.machine
+    return (f"machine: {describe_machine()}; onnxruntime {machine['versions']['onnxruntime']}; "
+            f"providers: {', '.join(machine['providers'])}")
+
+
+def render_bench(report: BenchReport) -> None:
     from ..report import format_table
 
-    machine = report.machine
-    emit(f"machine: {describe_machine()}; onnxruntime "
-         f"{machine['versions']['onnxruntime']}; providers: {', '.join(machine['providers'])}")
+    emit(machine_line(report))
     options = report.options
     how = (f"{options.duration_s:g}s" if options.duration_s else f"{options.iterations} iterations")
     emit(f"{how} per model and batch after {options.warmup} warm-up, round-robin in blocks "

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -11,6 +11,9 @@ from ..files import check_outputs
 from .app import main
 from .options import (build_spec, describe_machine, emit, json_option, preprocess_options,
                       progress_enabled, provider_option, write_json_if)
+
+if TYPE_CHECKING:
+    from ..evaluate import EvaluateResult
 
 
 @main.command()
@@ -58,7 +61,7 @@ MAPPINGS = {
 }
 
 
-def render_evaluate(result: Any) -> None:
+def render_evaluate(result: EvaluateResult) -> None:
     from ..report import Column, format_table
 
     emit(f"machine: {describe_machine()}")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -13,6 +13,9 @@ from ..model import IMAGENET1K_V1
 from .app import main
 from .options import (DEFAULT_IMAGES, DEFAULT_MODEL, build_spec, describe_machine, emit,
                       json_option, random_banner, read_labels, show_result, source_options)
+
+if TYPE_CHECKING:
+    from ..export import ExportResult
 
 
 @main.command()
@@ -85,7 +88,7 @@ def simplifier_line(result: Any) -> str:
     return f"{result.simplifier}: {change}"
 
 
-def render_export(result: Any) -> None:
+def render_export(result: ExportResult) -> None:
     from ..report import Column, format_checks
 
     emit(f"machine: {describe_machine()}")
@@ -98,4 +101,5 @@ def render_export(result: Any) -> None:
     emit("times: " + ", ".join(f"{k} {v:.2f}s" for k, v in result.seconds.items()))
     emit(format_checks(f"parity, PyTorch vs ORT CPU on {result.parity_inputs}",
                        list(result.checks.values()), "PyTorch - ORT",
-                       lead=[(Column("batch", "batch", "int"), list(result.checks))]))
+                       lead=[(Column("batch", "batch", "int"), list(result.checks))],
+                       verdict="parity"))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -13,6 +13,9 @@ from .app import main
 from .options import (DEFAULT_IMAGES, Finite, build_spec, describe_machine, emit, json_option,
                       preprocess_options, provider_option, random_banner, weights_option,
                       write_json_if)
+
+if TYPE_CHECKING:
+    from ..parity import ParityReport
 
 
 @main.command()
@@ -92,7 +95,7 @@ def parity(models: tuple[Path, ...], weights: str | None, providers: tuple[str, 
     check(report)
 
 
-def render_parity(report: Any) -> None:
+def render_parity(report: ParityReport) -> None:
     from ..report import Column, comparison_columns, format_table
 
     emit(f"machine: {describe_machine()}")

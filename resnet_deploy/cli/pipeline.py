@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -14,6 +14,9 @@ from .app import main
 from .options import (DEFAULT_IMAGES, build_spec, describe_machine, emit, json_option,
                       provider_option, random_banner, read_labels, source_options, write_json_if)
 from .package import split_sizes, triton_options
+
+if TYPE_CHECKING:
+    from ..pipeline import PipelineResult
 
 
 @main.command()
@@ -93,7 +96,7 @@ def pipeline(weights: str, num_classes: int | None, input_size: int | None,
     write_json_if(json_path, result.to_dict())
 
 
-def render_pipeline(result: Any) -> None:
+def render_pipeline(result: PipelineResult) -> None:
     from ..report import Column, format_table
 
     rows = [{"step": r.step, "status": r.status,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -12,6 +12,9 @@ from ..files import check_outputs
 from .app import main
 from .options import (Finite, build_spec, describe_machine, emit, json_option, preprocess_options,
                       progress_enabled, show_result)
+
+if TYPE_CHECKING:
+    from ..quantize import QuantizeResult
 
 
 @main.command()
@@ -95,7 +98,7 @@ def quantize(model: Path, calibration: Path, output: Path | None, method: Method
                 render_quantize, json_path)
 
 
-def render_quantize(result: Any) -> None:
+def render_quantize(result: QuantizeResult) -> None:
     from ..layers import display
     from ..report import Column, format_checks, format_table, share
 
@@ -141,7 +144,7 @@ def render_quantize(result: Any) -> None:
             Column("step", "step", "int"), Column("node", "also kept in FP32"),
             Column("kept", "layers in FP32", "int"), Column("top1", "INT8 top-1", "share"),
             Column("drop_pt", "drop", "points", "FP32 top-1 minus INT8 top-1, in points")]))
-    if result.target_met is not None:
+    if result.target_met is not None and result.accuracy is not None:
         emit(f"target: top-1 drop <= {result.accuracy['max_top1_drop_pt']:g} points "
              f"{'MET' if result.target_met else 'MISSED'}"
              + (f"; kept in FP32: "
