@@ -91,6 +91,9 @@ def evaluate(models: Sequence[str | Path], images: str | Path, *,
     for model in models:
         file = ModelFile.read(model)
         file.warn_if_wrong_cpu(options.provider)
+        if file.meta is not None and file.meta.weights.get("source") == "random":
+            log.warning("%s: exported from random weights, so its accuracy means nothing",
+                        file.path)
         spec = file.spec(options.spec)
         labels = file.meta.labels if file.meta else None
         indices, mapping = folder.class_indices(labels, file.io.classes)

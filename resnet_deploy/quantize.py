@@ -222,6 +222,7 @@ class QuantizeResult:
     sensitivity: tuple[dict[str, Any], ...] = ()
     steps: tuple[FallbackStep, ...] = ()
     fallback_nodes: tuple[str, ...] = ()
+    excluded: tuple[str, ...] = ()  # nodes kept in FP32 by --exclude
     target_met: bool | None = None
     layers: dict[str, str] = dataclasses.field(default_factory=dict)  # node -> PyTorch module
 
@@ -240,7 +241,8 @@ class QuantizeResult:
             "check_note": self.check_note, "held_out": self.held_out, "notes": list(self.notes),
             "accuracy": self.accuracy,
             "sensitivity": list(self.sensitivity), "steps": [s.to_dict() for s in self.steps],
-            "fallback_nodes": list(self.fallback_nodes), "target_met": self.target_met,
+            "fallback_nodes": list(self.fallback_nodes), "excluded": list(self.excluded),
+            "target_met": self.target_met,
         }
 
 
@@ -622,7 +624,7 @@ def quantize(model: str | Path, calibration: str | Path, output: str | Path | No
             sensitivity=tuple({**row, "module": names.get(row["node"])}
                               for row in fallback.table),
             steps=tuple(fallback.steps), fallback_nodes=tuple(fallback.nodes),
-            target_met=fallback.met, layers=names)
+            target_met=fallback.met, layers=names, excluded=tuple(options.exclude))
         if fallback.met is False:
             raise CheckFailed(
                 f"INT8 top-1 drops {fallback.steps[-1].drop_pt:.2f} pt (> --max-top1-drop "

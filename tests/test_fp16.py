@@ -90,7 +90,8 @@ def test_cli_writes_default_output_and_json(random_onnx: Path, tmp_path: Path) -
     model = tmp_path / "m.onnx"
     shutil.copy(random_onnx, model)
     report = tmp_path / "fp16.json"
-    result = CliRunner().invoke(main, ["convert-fp16", str(model), "--json", str(report)])
+    result = CliRunner().invoke(main, ["convert-fp16", "--model", str(model),
+                                       "--json", str(report)])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "m.fp16.onnx").is_file()
     assert "PASS" in result.output and "float32 inputs/outputs" in result.output
@@ -100,7 +101,30 @@ def test_cli_writes_default_output_and_json(random_onnx: Path, tmp_path: Path) -
     assert data["output"] == str(tmp_path / "m.fp16.onnx")
 
 
-def test_cli_missing_model_exits_2(tmp_path: Path) -> None:
-    result = CliRunner().invoke(main, ["convert-fp16", str(tmp_path / "nope.onnx")])
+@pytest.mark.parametrize("how", ["--model", "positional"])
+def test_cli_missing_model_exits_2(tmp_path: Path, how: str) -> None:
+    missing = str(tmp_path / "nope.onnx")
+    args = ["--model", missing] if how == "--model" else [missing]
+    result = CliRunner().invoke(main, ["convert-fp16", *args])
     assert result.exit_code == 2
     assert "no such model file" in result.output
+
+
+def test_cli_positional_model_is_an_alias(random_onnx: Path, tmp_path: Path) -> None:
+    model = tmp_path / "m.onnx"
+    shutil.copy(random_onnx, model)
+    result = CliRunner().invoke(main, ["convert-fp16", str(model), "-o",
+                                       str(tmp_path / "half.onnx")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "half.onnx").is_file()
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "Missing option '--model'"),
+    (["a.onnx", "--model", "b.onnx"], "the model is given twice"),
+])
+def test_cli_model_needed_exactly_once(tmp_path: Path, args: list[str], message: str) -> None:
+    result = CliRunner().invoke(main, ["convert-fp16", *args, "-o", str(tmp_path / "x.onnx")])
+    assert result.exit_code == 2
+    assert "Usage: " in result.output and message in result.output
+    assert not list(tmp_path.iterdir())

@@ -117,6 +117,9 @@ def render_quantize(result: QuantizeResult) -> None:
         emit(f"check: {result.check_note}")
     else:
         emit(format_checks(f"check, {result.check.subject}", [result.check], "FP32 - INT8"))
+    if result.excluded:
+        emit("kept in FP32 (--exclude): "
+             + ", ".join(display(n, result.layers) for n in result.excluded))
     for note in result.notes:
         emit(f"note: {note}")
     if result.accuracy is not None:
