@@ -18,6 +18,9 @@ TARGETS: tuple[Target, ...] = get_args(Target)
 
 Exporter = Literal["dynamo", "torchscript"]
 EXPORTERS: tuple[Exporter, ...] = get_args(Exporter)
+Simplifier = Literal["onnxsim", "onnxslim", "none"]
+SIMPLIFIERS: tuple[Simplifier, ...] = get_args(Simplifier)
+DEFAULT_OPSET = 18  # what both exporters write for ResNet-18 without down-conversion
 
 # Triton model repositories: where instances run, and the TensorRT accelerator's precision.
 Device = Literal["cpu", "gpu"]

@@ -69,7 +69,6 @@ class _Entry:
 
     path: Path
     spec: PreprocessSpec
-    labels: list[str] | None
     precision: str
     targets: dict[Path, int]
     mapping: str
@@ -98,7 +97,7 @@ def evaluate(models: Sequence[str | Path], images: str | Path, *,
         labels = file.meta.labels if file.meta else None
         indices, mapping = folder.class_indices(labels, file.io.classes)
         targets = {p: indices[c] for p, c in zip(folder.paths, folder.class_ids, strict=True)}
-        entries.append(_Entry(file.path, spec, labels, file.precision, targets, mapping))
+        entries.append(_Entry(file.path, spec, file.precision, targets, mapping))
     for entry in entries:
         entry.backend = OrtBackend(entry.path, options.provider)
     specs = list(dict.fromkeys(e.spec for e in entries))

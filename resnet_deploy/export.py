@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .choices import EXPORTERS, Exporter
+from .choices import DEFAULT_OPSET, EXPORTERS, SIMPLIFIERS, Exporter, Simplifier
 from .errors import CheckFailed, UserError
 from .files import atomic_output
 from .machine import package_versions
@@ -37,8 +37,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 INDUCTOR_CACHE = "TORCHINDUCTOR_CACHE_DIR"
 
-SIMPLIFIERS = ("onnxsim", "onnxslim", "none")
-DEFAULT_OPSET = 18
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 
 
@@ -47,7 +45,7 @@ class ExportOptions:
     exporter: Exporter = "dynamo"
     opset: int = DEFAULT_OPSET
     dynamic_batch: bool = True
-    simplify: str = "onnxsim"
+    simplify: Simplifier = "onnxsim"
     parity_images: Path | None = None
     parity_samples: int = 16
     seed: int = 0

@@ -1,8 +1,9 @@
-"""ResNet-18 with torchvision's exact parameter names, and the weight sources it loads from.
+"""Where a ResNet-18's weights come from: the published record, checkpoints, a seeded init.
 
-Attribute names (``conv1``, ``bn1``, ``layer1``..``layer4``, ``downsample``, ``fc``) are
-chosen so that ``state_dict()`` keys and shapes match ``torchvision.models.resnet18``:
-a torchvision checkpoint loads here with no torchvision installed.
+The network itself is in :mod:`resnet_deploy.resnet` (torchvision's key names, so a
+torchvision checkpoint loads with no torchvision installed); it is imported only when a
+model is built, so that this module, and every command that only reads ONNX files, stays
+free of torch at import time.
 """
 
 from __future__ import annotations
@@ -278,8 +279,8 @@ def weights_for(recorded: dict[str, Any] | None,
 
     ``recorded`` is the ``weights`` record of the ONNX model's metadata; ``requested`` is what
     the user asked for. None means "the model's own source": ``imagenet`` or a checkpoint
-    still on disk, else a random init of the same shape, which the note says out loud (fine
-    for timing, not for parity).
+    still on disk, else a random init with the same number of classes, which the note says
+    out loud (fine for timing, not for parity).
     """
     if requested:
         return requested, None
@@ -298,9 +299,9 @@ def load_for(recorded: dict[str, Any] | None, requested: str | None = None,
     exported from (same classes and seed)."""
     weights, note = weights_for(recorded, requested)
     record = recorded or {}
-    if weights == RANDOM and record.get("source") == RANDOM:
-        model, loaded = load_model(RANDOM, num_classes=record.get("num_classes"),
-                                   seed=int(record.get("seed") or 0))
+    if weights == RANDOM:  # the recorded init, or one of the same shape
+        seed = int(record.get("seed") or 0) if record.get("source") == RANDOM else 0
+        model, loaded = load_model(RANDOM, num_classes=record.get("num_classes"), seed=seed)
     else:
         model, loaded = load_model(weights)
     return model, loaded, note

@@ -432,7 +432,29 @@ def read_manifest(path: Path) -> dict[str, Any]:
             or not isinstance(data.get("steps"), dict):
         raise UserError(f"{path}: not a resnet-deploy manifest ({FORMAT}); rerun "
                         "'resnet-deploy pipeline' to rewrite it")
+    for name, record in data["steps"].items():
+        if not _is_record(record):
+            raise UserError(f"{path}: its record of step {name!r} is malformed; rerun "
+                            "'resnet-deploy pipeline' to rewrite it")
     return data
+
+
+def _is_record(record: Any) -> bool:
+    """A step record with the fields and types StepRecord needs (a hand-edited or
+    truncated manifest must be exit 2, not a traceback)."""
+    if not isinstance(record, dict):
+        return False
+    needs: dict[str, type | tuple[type, ...]] = {"step": str, "status": str, "key": str,
+                                                 "inputs": dict, "options": dict}
+    optional: dict[str, type | tuple[type, ...]] = {"outputs": list, "results": dict,
+                                                    "seconds": (int, float)}
+    return all(isinstance(record.get(k), t) for k, t in needs.items()) and \
+        all(isinstance(record[k], t) for k, t in optional.items() if k in record) and \
+        all(isinstance(o, dict) and isinstance(o.get("path"), str)
+            and isinstance(o.get("sha256"), str) for o in record.get("outputs", [])) and \
+        all(isinstance(i, dict) and (i.get("kind") == "value" or
+                                     isinstance(i.get("sha256"), str))
+            for i in record["inputs"].values())
 
 
 def _previous(out: Path) -> dict[str, StepRecord]:
@@ -442,7 +464,7 @@ def _previous(out: Path) -> dict[str, StepRecord]:
     try:
         data = read_manifest(path)
         return {name: StepRecord.from_dict(rec) for name, rec in data["steps"].items()}
-    except (UserError, TypeError):
+    except UserError:
         log.warning("%s: unreadable; every step runs again", path)
         return {}
 
@@ -489,10 +511,13 @@ def run_pipeline(output: str | Path, options: PipelineOptions, *,
         if folder is not None:
             run.hashes.folder_input(folder)
     out.mkdir(parents=True, exist_ok=True)
-    run.records.update(_previous(out))
-    records = run.records
     plan = steps(options)
     order = [s.name for s in plan]
+    # Steps these options no longer ask for (evaluate, fp16, triton) are forgotten now, so
+    # neither report.md nor a manifest written after a failure shows their old figures.
+    run.records.update({name: record for name, record in _previous(out).items()
+                        if name in order})
+    records = run.records
     for index, step in enumerate(plan, start=1):
         inputs, opts = step.inputs(run), step.options(run)
         key = _key(inputs, opts)
@@ -523,8 +548,6 @@ def run_pipeline(output: str | Path, options: PipelineOptions, *,
             results=outcome.results, seconds=seconds)
         write_manifest(out, records, order)
         say(f"{prefix} built in {seconds:.1f}s")
-    for name in [n for n in records if n not in order]:
-        del records[name]  # steps these options no longer ask for
     path = write_manifest(out, records, order)
     return PipelineResult(str(out), str(path), tuple(records[n] for n in order))
 

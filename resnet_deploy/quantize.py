@@ -102,11 +102,6 @@ TARGET_DEFAULTS: dict[Target, TargetDefaults] = {
     "tensorrt": TargetDefaults("int8", "int8", per_channel=True, symmetric=True,
                                seven_bit_weights=False),
 }
-# The check holds back a seeded share of the calibration folder when calibration would
-# otherwise use every image in it: 20%, at least this many images.
-HELD_OUT_SHARE = 0.2
-MIN_HELD_OUT = 8
-
 
 @dataclass(frozen=True)
 class QuantizeOptions:

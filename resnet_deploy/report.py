@@ -8,11 +8,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import UserError
 from .files import atomic_output, write_text
-from .metrics import CheckResult
+
+if TYPE_CHECKING:
+    from .metrics import CheckResult
 
 # One style for every number a command prints (JSON keeps the full values):
 #   share   accuracy and agreement, a fraction shown as a percentage with 2 decimals: 99.46%

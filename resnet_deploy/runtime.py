@@ -98,7 +98,11 @@ def _provider_chain(full: str, cfg: SessionConfig) -> list[Any]:
                "trt_engine_cache_enable": "True",
                "trt_engine_cache_path": cfg.trt_cache_dir or DEFAULT_TRT_CACHE,
                "trt_cuda_graph_enable": str(cfg.cuda_graph)}
-        Path(trt["trt_engine_cache_path"]).mkdir(parents=True, exist_ok=True)
+        try:
+            Path(trt["trt_engine_cache_path"]).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"{trt['trt_engine_cache_path']}: cannot hold TensorRT's engine "
+                            f"cache ({exc.strerror}); pass --trt-cache DIR") from None
         return [(full, trt), (PROVIDERS["cuda"], {}), cpu]
     return [cpu]
 

@@ -151,3 +151,14 @@ def test_imagenet_weights_come_from_the_hub_cache(tmp_path: Path,
     assert info.source == "imagenet" and not info.is_random
     assert info.labels is not None and len(info.labels) == 1000 and info.labels[0] == "tench"
     assert torch.equal(model.fc.weight, reference.fc.weight)
+
+
+def test_the_pytorch_model_behind_an_onnx_one_keeps_its_class_count(tmp_path: Path) -> None:
+    """When the recorded checkpoint is gone, the stand-in random init has the same fc."""
+    from resnet_deploy.model import load_for
+
+    model, loaded, note = load_for({"source": str(tmp_path / "gone.pth"), "num_classes": 10})
+    assert loaded.is_random and model.fc.out_features == 10
+    assert note and "gone.pth" in note
+    model, loaded, _ = load_for({"source": "random", "num_classes": 7, "seed": 3}, "random")
+    assert model.fc.out_features == 7 and loaded.seed == 3

@@ -14,7 +14,7 @@ from resnet_deploy import pipeline as pipeline_module
 from resnet_deploy.cli import main
 from resnet_deploy.model import file_sha256
 from resnet_deploy.package import TritonOptions
-from resnet_deploy.pipeline import PipelineOptions, run_pipeline, verify
+from resnet_deploy.pipeline import FORMAT, PipelineOptions, run_pipeline, verify
 from resnet_deploy.preprocess import PreprocessSpec
 
 from .conftest import CALIBRATION
@@ -118,7 +118,14 @@ def test_verify_names_modified_and_missing_artifacts(first: Path, tmp_path: Path
     assert "missing: model_repository/resnet18/labels.txt (triton)" in result.output
 
 
-@pytest.mark.parametrize("content", [None, "{not json", '{"format": "other"}'])
+MALFORMED_STEPS = [{"export": {"step": "export"}}, {"export": []},
+                   {"export": {"step": "export", "status": "built", "key": "k", "inputs": {},
+                               "options": {}, "outputs": [{"path": 1}]}}]
+
+
+@pytest.mark.parametrize("content", [None, "{not json", '{"format": "other"}',
+                                     *(json.dumps({"format": FORMAT, "steps": steps})
+                                       for steps in MALFORMED_STEPS)])
 def test_verify_without_a_readable_manifest_is_exit_2(tmp_path: Path,
                                                       content: str | None) -> None:
     manifest = tmp_path / "manifest.json"
@@ -209,3 +216,19 @@ def test_bad_inputs_are_exit_2_before_any_step(inputs: dict[str, Path], tmp_path
     assert result.exit_code == 2, result.output
     assert message in result.output.splitlines()[-1] and "export:" not in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_outputs_that_would_change_the_inputs_are_exit_2(inputs: dict[str, Path],
+                                                          tmp_path: Path) -> None:
+    """A folder inside the calibration set would add bench.png to it as a "photo"; --json
+    on the manifest would replace the record verify reads."""
+    before = sorted(p.name for p in inputs["calibration"].rglob("*"))
+    inside = inputs["calibration"] / "out"
+    result = _invoke(*_args(inputs, inside))
+    assert result.exit_code == 2 and "inside the input folder" in result.output
+    assert sorted(p.name for p in inputs["calibration"].rglob("*")) == before
+    out = tmp_path / "out"
+    out.mkdir()
+    result = _invoke(*_args(inputs, out), "--json", out / "manifest.json")
+    assert result.exit_code == 2 and "the pipeline's own manifest" in result.output
+    assert list(out.iterdir()) == []

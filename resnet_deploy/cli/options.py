@@ -107,7 +107,7 @@ def write_json_if(path: Path | None, data: dict[str, Any]) -> None:
         from ..machine import machine_info
         from ..report import write_json
 
-        write_json(path, {"machine": {**machine_info(), **data.get("machine", {})}, **data})
+        write_json(path, {"machine": machine_info(), **data})  # bench's own machine wins
         emit(f"wrote {path}")
 
 
@@ -193,3 +193,21 @@ def source_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                       help="Classes of a random model (inferred from fc.weight for "
                            "checkpoints).")(fn)
     return weights_option("imagenet")(fn)
+
+
+# A batch is allocated up front: 1024 images at 224 px are 0.6 GB, a typo of 100000 is 60 GB.
+MAX_BATCH = 1024
+
+
+def batch_sizes(value: str, option: str) -> tuple[int, ...]:
+    """``1,8,32`` -> (1, 8, 32): integers from 1 to MAX_BATCH, duplicates dropped; a bad list
+    is one error line naming ``option``."""
+    try:
+        sizes = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise UserError(f"{option} {value!r}: give comma-separated integers, e.g. 1,8,32"
+                        ) from None
+    if not sizes or min(sizes) < 1 or max(sizes) > MAX_BATCH:
+        raise UserError(f"{option} {value!r}: give integers from 1 to {MAX_BATCH}, "
+                        "e.g. 1,8,32")
+    return tuple(dict.fromkeys(sizes))

@@ -8,36 +8,28 @@ from typing import Any
 import click
 
 from ..choices import DEVICES, TRT_PRECISIONS, Device, TrtPrecision
-from ..errors import UserError
 from .app import main
-from .options import emit, json_option, write_json_if
+from .options import batch_sizes, emit, json_option, write_json_if
 
 DEFAULT_REPOSITORY = Path("artifacts/model_repository")
-
-
-def split_sizes(value: str | None) -> tuple[int, ...] | None:
-    if value is None:
-        return None
-    try:
-        sizes = tuple(int(v) for v in value.split(",") if v.strip())
-    except ValueError:
-        raise UserError(f"--preferred-batch-size {value!r}: give comma-separated integers, "
-                        "e.g. 8,16,32") from None
-    return sizes or None
+# The widths of Triton's ModelConfig fields (max_batch_size is int32, the queue delay uint64):
+# a larger number cannot be written into config.pbtxt at all.
+INT32_MAX = 2**31 - 1
+INT64_MAX = 2**63 - 1
 
 
 def triton_options(fn: Any) -> Any:
     """The serving options ``package`` and ``pipeline --triton`` share."""
     for option in reversed([
-        click.option("--max-batch-size", type=click.IntRange(min=1), default=32,
+        click.option("--max-batch-size", type=click.IntRange(1, INT32_MAX), default=32,
                      show_default=True, help="Triton's max_batch_size for dynamic-batch "
                      "models (a static-batch export always gets 0 and its full shape)."),
         click.option("--preferred-batch-size", "preferred", default=None, metavar="N,N",
                      help="Dynamic batching's preferred sizes [default: 8,16,32 up to the "
                           "max batch size]."),
-        click.option("--queue-delay-us", type=click.IntRange(min=0), default=100,
+        click.option("--queue-delay-us", type=click.IntRange(0, INT64_MAX), default=100,
                      show_default=True, help="Dynamic batching's max queue delay."),
-        click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True,
+        click.option("--instances", type=click.IntRange(1, 1024), default=1, show_default=True,
                      help="Model instances per device (instance_group count)."),
     ]):
         fn = option(fn)
@@ -58,7 +50,7 @@ def triton_options(fn: Any) -> Any:
 @click.option("--tensorrt", type=click.Choice(TRT_PRECISIONS), default=None,
               help="GPU only: the TensorRT accelerator. fp16 runs FP32/FP16 models in FP16; "
                    "int8 also runs INT8 (QDQ) models in INT8, which they need on GPU.")
-@click.option("--trt-workspace-mb", type=click.IntRange(min=16), default=1024,
+@click.option("--trt-workspace-mb", type=click.IntRange(16, 1 << 20), default=1024,
               show_default=True, help="TensorRT workspace size.")
 @click.option("--trt-cache", default="/tmp/triton_trt_cache", show_default=True,
               help="TensorRT engine cache folder on the server.")
@@ -88,7 +80,9 @@ def package(fmt: str, models: tuple[Path, ...], output: Path, device: Device,
 
     check_outputs({"--json": json_path}, models, folders={"-o": output})
     options = TritonOptions(
-        max_batch_size=max_batch_size, preferred_batch_sizes=split_sizes(preferred),
+        max_batch_size=max_batch_size,
+        preferred_batch_sizes=(None if preferred is None
+                               else batch_sizes(preferred, "--preferred-batch-size")),
         max_queue_delay_us=queue_delay_us, device=device, instance_count=instances,
         tensorrt=tensorrt, trt_workspace_bytes=trt_workspace_mb << 20,
         trt_cache_path=trt_cache, warmup=not no_warmup)
