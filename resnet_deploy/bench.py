@@ -287,7 +287,6 @@ class Target:
     provider: str
     precision: str
     input_size: int
-    input_dtype: Any
     static_batch: int | None
     make_runner: Callable[[np.ndarray], Runner]
     session_s: float = 0.0
@@ -327,8 +326,11 @@ def _onnx_target(path: Path, options: BenchOptions, sessions: _Sessions) -> Targ
     file.warn_if_wrong_cpu(sessions.provider)
     meta, precision = file.meta, file.precision
     session, seconds = sessions.create(path, precision)
+    if file.io.height is None and file.meta is None:
+        raise UserError(f"{path}: has a dynamic input size and no resnet-deploy metadata; "
+                        "export it with 'resnet-deploy export'")
     size = file.io.height or file.spec().input_size
-    static, dtype = file.io.batch, np.float32  # ModelFile.read checked: float32 NCHW
+    static = file.io.batch
     device = "cpu" if sessions.provider == PROVIDERS["cpu"] else "cuda"
 
     def make_runner(batch: np.ndarray) -> Runner:
@@ -345,7 +347,7 @@ def _onnx_target(path: Path, options: BenchOptions, sessions: _Sessions) -> Targ
         return OrtRunner(current, batch)
 
     target = Target(label=str(path), provider=short_provider(sessions.provider),
-                    precision=precision, input_size=size, input_dtype=dtype,
+                    precision=precision, input_size=size,
                     static_batch=static, make_runner=make_runner, session_s=seconds,
                     path=path, meta=meta, session=session)
     return target
@@ -356,7 +358,11 @@ def _placement(target: Target, sessions: _Sessions, batch: np.ndarray) -> dict[s
     assert target.path is not None
     session = create_session(target.path, sessions.provider,
                              sessions.config(target.precision, profile=True))
-    session.run(None, {session.get_inputs()[0].name: batch})
+    try:
+        session.run(None, {session.get_inputs()[0].name: batch})
+    except BaseException:
+        Path(session.end_profiling()).unlink(missing_ok=True)  # no trace left in $TMPDIR
+        raise
     return node_placement(session)
 
 
@@ -377,7 +383,7 @@ def _torch_target(meta: ModelMetadata | None, size: int, options: BenchOptions,
     module = module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     seconds = time.perf_counter() - start
     target = Target(label=TORCH_MODEL, provider=f"torch-{device}", precision="fp32",
-                    input_size=size, input_dtype=np.float32, static_batch=None,
+                    input_size=size, static_batch=None,
                     make_runner=lambda batch: TorchRunner(module, batch, device),
                     session_s=seconds)
     return target, note
@@ -410,7 +416,7 @@ def _summary(samples_ns: Sequence[int], batch: int) -> dict[str, float]:
 def _inputs(target: Target, batch: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed + batch)
     shape = (batch, 3, target.input_size, target.input_size)
-    return rng.standard_normal(shape, dtype=np.float32).astype(target.input_dtype)
+    return rng.standard_normal(shape, dtype=np.float32)  # ModelFile.read checked: float32
 
 
 def _check_options(options: BenchOptions, provider: str) -> None:

@@ -4,6 +4,7 @@ crash) never sees half an artifact and no input is ever overwritten."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 import tempfile
@@ -35,6 +36,12 @@ def atomic_output(path: Path, suffix: str = ".tmp") -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise
+        raise UserError(f"{path}: {(exc.strerror or 'disk full').lower()} while writing it; "
+                        f"free space in "
+                        f"{folder} or choose another path") from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -95,11 +102,17 @@ def check_outputs(outputs: Mapping[str, Path | None], inputs: Iterable[Path | No
                 kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file"
                 raise UserError(f"{name} {path}: is {kind}; give a file path to write")
         for source in sources:
-            inside = source.is_dir() and path.exists() and \
+            # A file already inside an input folder is an input; a folder output inside one
+            # would add files to it (a plot in the calibration folder becomes a "photo").
+            inside = source.is_dir() and (path.exists() or is_folder) and \
                 path.resolve().is_relative_to(source.resolve())
-            if inside or _same(path, source):
+            if _same(path, source):
                 raise UserError(f"{name} {path}: is one of this command's inputs and would be "
                                 "overwritten; choose another path")
+            if inside:
+                raise UserError(f"{name} {path}: is inside the input folder {source}, so "
+                                "writing there would change this command's inputs; choose "
+                                "another path")
         for other_name, other in seen:
             if _same(path, other):
                 raise UserError(f"{name} {path}: is also {other_name}; give each output its "

@@ -125,9 +125,9 @@ class Inputs:
 
     def __init__(self, spec: PreprocessSpec, *, paths: Sequence[Path] = (),
                  root: Path | None = None, random_count: int | None = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, strict: bool = False) -> None:
         self.spec, self.paths, self.root = spec, list(paths), root
-        self.random_count, self.seed = random_count, seed
+        self.random_count, self.seed, self.strict = random_count, seed, strict
         self.names: list[str] = []
         self.hashes: list[str] = []
         self.skipped: list[Path] = []
@@ -153,7 +153,8 @@ class Inputs:
                 batch = rng.standard_normal(shape, dtype=np.float32)
                 names = [f"random-{i}" for i in range(start, stop)]
             else:
-                batch, used, bad = load_batch(self.paths[start:stop], self.spec)
+                batch, used, bad = load_batch(self.paths[start:stop], self.spec,
+                                              strict=self.strict)
                 self.skipped += bad
                 names = [_relative(p, self.root) for p in used]
                 if not used:
@@ -174,7 +175,7 @@ def _relative(path: Path, root: Path | None) -> str:
 
 
 def make_inputs(spec: PreprocessSpec, *, images: Path | None, random_count: int | None,
-                limit: int | None = None, seed: int = 0) -> Inputs:
+                limit: int | None = None, seed: int = 0, strict: bool = False) -> Inputs:
     """Seeded random inputs, or a seeded subset of at most ``limit`` photos of ``images``."""
     if random_count is not None:
         return Inputs(spec, random_count=random_count, seed=seed)
@@ -184,7 +185,7 @@ def make_inputs(spec: PreprocessSpec, *, images: Path | None, random_count: int 
     if not paths:
         raise UserError(f"{images}: holds no readable image (.jpg/.jpeg/.png/.bmp/.webp/.tiff); "
                         "point --images at a folder of photos")
-    return Inputs(spec, paths=paths, root=Path(images), seed=seed)
+    return Inputs(spec, paths=paths, root=Path(images), seed=seed, strict=strict)
 
 
 def model_spec(models: Sequence[ModelFile], override: PreprocessSpec | None) -> PreprocessSpec:
@@ -341,6 +342,7 @@ def compare_backends(models: Sequence[str | Path], *, weights: str | None = None
                      images: Path | None = None, random_count: int | None = None,
                      limit: int | None = None, spec: PreprocessSpec | None = None,
                      load_outputs_from: Path | None = None, save_outputs_to: Path | None = None,
+                     strict: bool = False,
                      options: ParityOptions = ParityOptions()) -> ParityReport:
     """What ``resnet-deploy parity`` does: open the models, build the reference and the
     inputs, compare, and save golden outputs when asked. ``spec`` overrides the models'
@@ -366,7 +368,8 @@ def compare_backends(models: Sequence[str | Path], *, weights: str | None = None
     if spec is None:
         raise UserError("no preprocessing known: pass --input-size (and --resize-size, "
                         "--mean, --std)")
-    inputs = make_inputs(spec, images=images, random_count=random_count, limit=limit)
+    inputs = make_inputs(spec, images=images, random_count=random_count, limit=limit,
+                         strict=strict)
     report, reference = run_parity(files, inputs=inputs, weights_model=weights_model,
                                    options=options, golden=golden)
     report.untrained = untrained

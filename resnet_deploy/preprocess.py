@@ -1,8 +1,8 @@
 """The preprocessing spec, the one image loader, and the model metadata that carries both.
 
 Export writes a :class:`ModelMetadata` record into the ONNX file's ``metadata_props``;
-every later step (quantize, parity, evaluate, bench) reads it back with
-:func:`read_metadata`, so that no step can drift from the preprocessing used at export.
+every later step reads it back (through :class:`runtime.ModelFile`, which also validates
+it), so that no step can drift from the preprocessing used at export.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .choices import QUANT_TYPES, TARGETS
 from .errors import UserError
 
 if TYPE_CHECKING:
@@ -148,11 +149,16 @@ def preprocess_file(path: str | Path, spec: PreprocessSpec) -> np.ndarray:
 
 
 def list_images(folder: str | Path) -> list[Path]:
-    """Every image below ``folder`` (recursive, suffix matched case-insensitively), sorted."""
+    """Every image below ``folder`` (recursive, suffix matched case-insensitively), sorted.
+
+    A broken or looping symlink named like an image is listed too, so that the loader counts
+    it as unreadable (and --strict refuses it) instead of it vanishing without a word.
+    """
     root = Path(folder)
     if not root.is_dir():
         raise UserError(f"{root}: no such image folder; pass a folder of .jpg/.png images")
-    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    return sorted(p for p in root.rglob("*")
+                  if p.suffix.lower() in IMAGE_SUFFIXES and (p.is_file() or p.is_symlink()))
 
 
 def seeded_subset(items: Sequence[Any], limit: int | None, seed: int = 0) -> list[Any]:
@@ -277,6 +283,17 @@ def _check_schema(data: Any) -> None:
             raise ValueError(f"'preprocess.{name}' is missing")
         if not ok(data["preprocess"][name]):
             raise ValueError(f"'preprocess.{name}' must be {what}")
+    layers = data.get("extra", {}).get("layers", {})
+    if not isinstance(layers, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                               for k, v in layers.items()):
+        raise ValueError("'extra.layers' must be an object of node name -> module name")
+    quantization = data.get("quantization") or {}
+    for name, choices in (("target", TARGETS), ("activation_type", QUANT_TYPES),
+                          ("weight_type", QUANT_TYPES)):
+        if name in quantization and quantization[name] not in choices:
+            raise ValueError(f"'quantization.{name}' must be one of {', '.join(choices)}")
+    if not isinstance(quantization.get("reduce_range", False), bool):
+        raise ValueError("'quantization.reduce_range' must be true or false")
 
 
 def write_metadata(model: onnx.ModelProto, meta: ModelMetadata) -> None:

@@ -226,6 +226,27 @@ class World:
     def make_meta_nan(self) -> Path:
         return self._variant("meta_nan", _set_metadata("[1, 2"))
 
+    def make_meta_layers(self) -> Path:
+        return self._variant("meta_layers",
+                             _edit_metadata(lambda d: d["extra"].update(layers=[1, 2])))
+
+    def make_meta_target(self) -> Path:
+        return self._variant("meta_target",
+                             _edit_metadata(lambda d: d.update(quantization={"target": 7})))
+
+    def make_dangling_photos(self) -> Path:
+        """Photos plus a symlink named like one that points nowhere."""
+        folder = self._noise("dangling_photos", 4)
+        (folder / "gone.jpg").symlink_to(self.root / "no" / "such.jpg")
+        return folder
+
+    def make_manifest(self) -> Path:
+        path = self.inputs / "manifest.json"
+        from resnet_deploy.pipeline import FORMAT
+
+        path.write_text(json.dumps({"format": FORMAT, "steps": {}}))
+        return path
+
     def make_bytes_model(self) -> Path:
         return self._link(self.source, b"named/mod\xe8le.onnx")
 
@@ -596,6 +617,7 @@ def _batches_within(limit: int) -> Callable[[World, Result], None]:
 TERM, INT = signal.SIGTERM, signal.SIGINT
 P = "parity --model {model}"
 Q = "quantize --model {model} --calibration {photos}"
+Q_LAYERS = "quantize --model {meta_layers} --calibration {photos}"
 
 CASES = [
     # 1 the input tensor does not fit the model: exit 2 naming the file, before any work
@@ -818,6 +840,27 @@ CASES = [
     Case("parity-nothing-to-compare", 10, "parity --model {model} --random 4", 2,
          says=("--save-outputs",)),
 
+    # a second campaign's finds: limits a typo would blow, fields a hand edit breaks
+    Case("bench-threads-typo", 8, "bench --model {model} --threads 100000", 2,
+         says=("--threads",)),
+    Case("package-max-batch-beyond-int32", 8, "package --model {model} --max-batch-size "
+         "3000000000 -o {out}/repo", 2, says=("--max-batch-size",)),
+    Case("package-queue-delay-beyond-uint64", 8, "package --model {model} --queue-delay-us "
+         "99999999999999999999 -o {out}/repo", 2, says=("--queue-delay-us",)),
+    Case("quantize-layers-not-an-object", 3, f"{Q_LAYERS} -o {{out}}/q.onnx", 2,
+         says=("{meta_layers}", "extra.layers")),
+    Case("package-target-not-a-target", 3, "package --model {meta_target} -o {out}/repo", 2,
+         says=("{meta_target}", "quantization.target")),
+    Case("verify-json-is-the-manifest", 5, "verify {manifest} --json {manifest}", 2,
+         says=("{manifest}",)),
+    Case("quantize-strict-dangling-symlink", 4, "quantize --model {model} --calibration "
+         "{dangling_photos} --strict --no-check -o {out}/q.onnx", 2, says=("gone.jpg",)),
+    Case("evaluate-strict-exists", 4, "evaluate --model {model} --images {labelled10} "
+         "--strict", 0),
+    Case("pipeline-static-batch-bench-sizes", 2, "pipeline --weights random --num-classes 10 "
+         "--input-size 64 --static-batch --bench-batch-size 1,8 --calibration {photos} "
+         "-o {out}/pipe", 2, says=("--bench-batch-size 1",)),
+
     # 11 memory does not grow with the image count: every backend sees --batch-size
     Case("parity-torch-streams", 11, "parity --model {model} --images {photos} --weights random "
          "--batch-size 2", 0, spy=("resnet_deploy.runtime.TorchBackend.infer",
@@ -852,7 +895,8 @@ def test_hostile(case: Case, random_onnx: Path, shared: Path, tmp_path: Path,
 
 def test_campaign_covers_every_category_and_command() -> None:
     commands = {c.args.split()[0] for c in CASES}
-    assert commands == {"export", "quantize", "parity", "evaluate", "bench", "convert-fp16"}
+    assert commands == {"export", "quantize", "parity", "evaluate", "bench", "convert-fp16",
+                        "pipeline", "package", "verify"}
     assert {c.category for c in CASES} == set(range(1, 12))
     assert len(CASES) >= 60 and len({c.id for c in CASES}) == len(CASES)
 

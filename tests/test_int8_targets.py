@@ -201,7 +201,7 @@ def test_vnni_model_on_a_saturating_cpu_is_warned_about(
     shutil.copy(list_images(CALIBRATION)[0], folder / "class0")
     with caplog.at_level("WARNING"):
         evaluate([by_target["cpu-vnni"], by_target["cpu"]], folder)
-    assert [r.message for r in caplog.records].count(warning) == 1
+    assert [r.getMessage() for r in caplog.records].count(warning) == 1
     monkeypatch.setattr(runtime, "cpu_info", lambda: {**AVX2_CPU, "int8_path": "avx512-vnni"})
     assert vnni.cpu_warning("cpu") is None
 

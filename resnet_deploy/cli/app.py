@@ -54,6 +54,16 @@ def _signals_and_warnings(terminated: threading.Event) -> Iterator[None]:
             signal.signal(signal.SIGTERM, previous)
 
 
+class _UserFormatter(logging.Formatter):
+    """Warnings read ``warning: ...`` like the CLI's own; -v detail keeps its source."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.message = record.getMessage()  # as logging.Formatter does, for other readers
+        if record.levelno >= logging.WARNING:
+            return printable(f"warning: {record.message}")
+        return printable(f"{record.levelname.lower()} {record.name}: {record.message}")
+
+
 class Group(click.Group):
     """Turns the library's exceptions into one line on stderr and the documented exit code:
     UserError 2, CheckFailed 1, Ctrl-C 130, SIGTERM 143."""
@@ -65,10 +75,10 @@ class Group(click.Group):
                 return super().invoke(ctx)
         except BaseException as exc:
             if terminated.is_set():
-                click.echo("Error: terminated (SIGTERM); no partial output was kept", err=True)
+                click.echo("Error: terminated (SIGTERM); no half-written file was left", err=True)
                 ctx.exit(143)
             if isinstance(exc, KeyboardInterrupt):
-                click.echo("Error: interrupted (Ctrl-C); no partial output was kept", err=True)
+                click.echo("Error: interrupted (Ctrl-C); no half-written file was left", err=True)
                 ctx.exit(130)
             if isinstance(exc, UserError):
                 click.echo(printable(f"Error: {exc}"), err=True)
@@ -94,3 +104,5 @@ def main(verbose: int) -> None:
     """
     level = {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(_UserFormatter())

@@ -9,27 +9,18 @@ import click
 
 from ..errors import UserError
 from ..files import check_outputs
+from ..machine import describe
 from .app import main
-from .options import (Finite, describe_machine, emit, json_option, progress_enabled,
+from .options import (Finite, emit, json_option, progress_enabled,
                       provider_option, weights_option, write_json_if)
-
-# A batch is allocated up front: 1024 images at 224 px are 0.6 GB, a typo of 100000 is 60 GB.
-MAX_BATCH = 1024
+from .options import batch_sizes as batch_sizes_of
 
 if TYPE_CHECKING:
     from ..bench import BenchReport
 
 
-def split_batch_sizes(value: str) -> tuple[int, ...]:
-    try:
-        sizes = tuple(int(v) for v in value.split(",") if v.strip())
-    except ValueError:
-        raise UserError(f"--batch-size {value!r}: give comma-separated integers, "
-                        "e.g. 1,8,32") from None
-    if not sizes or min(sizes) < 1 or max(sizes) > MAX_BATCH:
-        raise UserError(f"--batch-size {value!r}: give integers from 1 to {MAX_BATCH}, "
-                        "e.g. 1,8,32")
-    return tuple(dict.fromkeys(sizes))
+# Each thread is a pool worker with its own stack: a typo of 100000 exhausts memory.
+MAX_THREADS = 1024
 
 
 @main.command()
@@ -47,7 +38,7 @@ def split_batch_sizes(value: str) -> tuple[int, ...]:
               help="Seconds per model and batch size instead of --iterations.")
 @click.option("--block", type=click.IntRange(min=1), default=5, show_default=True,
               help="Back-to-back iterations a model gets per round-robin round.")
-@click.option("--threads", type=click.IntRange(min=1), default=None,
+@click.option("--threads", type=click.IntRange(1, MAX_THREADS), default=None,
               help="Intra-op threads for ORT (and torch); default: ORT's choice.")
 @click.option("--torch", "torch_baseline", is_flag=True,
               help="Add PyTorch eager (inference_mode, channels_last) as a baseline.")
@@ -95,7 +86,8 @@ def bench(models: tuple[Path, ...], providers: tuple[str, ...], batch_sizes: str
 
         require_matplotlib()
     options = BenchOptions(
-        provider=providers[0], batch_sizes=split_batch_sizes(batch_sizes), warmup=warmup,
+        provider=providers[0], batch_sizes=batch_sizes_of(batch_sizes, "--batch-size"),
+        warmup=warmup,
         iterations=iterations or 100, duration_s=duration, block=block, threads=threads,
         io_binding=io_binding, cuda_graph=cuda_graph, torch_baseline=torch_baseline,
         torch_weights=weights, placement=placement, trt_cache_dir=trt_cache, seed=seed)
@@ -174,7 +166,7 @@ def bench_columns(report: Any) -> list[Any]:
 def machine_line(report: BenchReport) -> str:
     """What the figures were measured on, for the console and the Markdown alike."""
     machine = report.machine
-    return (f"machine: {describe_machine()}; onnxruntime {machine['versions']['onnxruntime']}; "
+    return (f"machine: {describe(machine)}; onnxruntime {machine['versions']['onnxruntime']}; "
             f"providers: {', '.join(machine['providers'])}")
 
 

@@ -27,10 +27,12 @@ if TYPE_CHECKING:
 @click.option("--limit", type=click.IntRange(min=1), default=None,
               help="Evaluate a seeded random subset of this many images.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--strict", is_flag=True, help="An unreadable image is an error, not a skip.")
 @preprocess_options()
 @json_option
 def evaluate(models: tuple[Path, ...], images: Path, providers: tuple[str, ...], batch_size: int,
-             limit: int | None, seed: int, input_size: int | None, resize_size: int | None,
+             limit: int | None, seed: int, strict: bool, input_size: int | None,
+             resize_size: int | None,
              mean: Any, std: Any, json_path: Path | None) -> None:
     """Top-1/top-5 accuracy of one or more models on a labelled ImageFolder.
 
@@ -47,6 +49,7 @@ def evaluate(models: tuple[Path, ...], images: Path, providers: tuple[str, ...],
     from ..evaluate import evaluate as run_evaluate
 
     options = EvaluateOptions(provider=providers[0], batch_size=batch_size, limit=limit, seed=seed,
+                              strict=strict,
                               progress=progress_enabled(),
                               spec=build_spec(input_size, resize_size, mean, std))
     result = run_evaluate(models, images, options=options)

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from ..choices import EXPORTERS, OPSETS, Exporter
+from ..choices import DEFAULT_OPSET, EXPORTERS, OPSETS, SIMPLIFIERS, Exporter, Simplifier
 from ..files import check_outputs
 from ..model import IMAGENET1K_V1
 from .app import main
@@ -24,11 +24,11 @@ if TYPE_CHECKING:
               show_default=True)
 @click.option("--opset", type=click.IntRange(min(lo for lo, _ in OPSETS.values()),
                                              max(hi for _, hi in OPSETS.values())),
-              default=18, show_default=True,
+              default=DEFAULT_OPSET, show_default=True,
               help="ONNX opset: " + ", ".join(f"{e} {lo}-{hi}" for e, (lo, hi) in OPSETS.items())
               + ".")
 @click.option("--dynamic-batch/--static-batch", default=True, show_default=True)
-@click.option("--simplify", type=click.Choice(["onnxsim", "onnxslim", "none"]),
+@click.option("--simplify", type=click.Choice(SIMPLIFIERS),
               default="onnxsim", show_default=True)
 @click.option("--parity-images", type=click.Path(path_type=Path), default=DEFAULT_IMAGES,
               show_default=True, help="Images for the automatic parity check "
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 @json_option
 def export(weights: str, num_classes: int | None, input_size: int | None,
            resize_size: int | None, mean: Any, std: Any, labels: Path | None, exporter: Exporter,
-           opset: int, dynamic_batch: bool, simplify: str, parity_images: Path, seed: int,
+           opset: int, dynamic_batch: bool, simplify: Simplifier, parity_images: Path, seed: int,
            output: Path, json_path: Path | None) -> None:
     """Export ResNet-18 to a single verified ONNX file.
 

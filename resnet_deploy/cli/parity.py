@@ -46,6 +46,7 @@ if TYPE_CHECKING:
               help="Write the reference logits and input hashes to this .npz.")
 @click.option("--load-outputs", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Compare with golden logits from --save-outputs (no PyTorch needed).")
+@click.option("--strict", is_flag=True, help="An unreadable image is an error, not a skip.")
 @click.option("--skip-unavailable", is_flag=True,
               help="Report a provider that cannot run as skipped instead of failing.")
 @preprocess_options()
@@ -54,7 +55,7 @@ def parity(models: tuple[Path, ...], weights: str | None, providers: tuple[str, 
            reference: str | None, images: Path | None, random_count: int | None,
            limit: int | None, batch_size: int, atol: float | None, rtol: float | None,
            min_cosine: float | None, min_top1: float | None, save_outputs: Path | None,
-           load_outputs: Path | None, skip_unavailable: bool, input_size: int | None,
+           load_outputs: Path | None, strict: bool, skip_unavailable: bool, input_size: int | None,
            resize_size: int | None, mean: Any, std: Any, json_path: Path | None) -> None:
     """Check that every backend gives the same logits as the reference.
 
@@ -88,6 +89,7 @@ def parity(models: tuple[Path, ...], weights: str | None, providers: tuple[str, 
                               random_count=random_count, limit=limit,
                               spec=build_spec(input_size, resize_size, mean, std),
                               load_outputs_from=load_outputs, save_outputs_to=save_outputs,
+                              strict=strict,
                               options=options)
     random_banner(report.untrained)
     render_parity(report)

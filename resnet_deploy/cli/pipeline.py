@@ -8,12 +8,13 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from ..choices import EXPORTERS, METHODS, TARGETS, Exporter, Method, Target
-from ..errors import CheckFailed
+from ..errors import UserError, CheckFailed
 from ..model import IMAGENET1K_V1
+from ..files import check_outputs
 from .app import main
-from .options import (DEFAULT_IMAGES, build_spec, describe_machine, emit, json_option,
+from .options import (batch_sizes, DEFAULT_IMAGES, build_spec, describe_machine, emit, json_option,
                       provider_option, random_banner, read_labels, source_options, write_json_if)
-from .package import split_sizes, triton_options
+from .package import triton_options
 
 if TYPE_CHECKING:
     from ..pipeline import PipelineResult
@@ -70,12 +71,18 @@ def pipeline(weights: str, num_classes: int | None, input_size: int | None,
           --calibration calib/ --eval-images dev/ --triton -o artifacts/
       resnet-deploy verify artifacts/manifest.json
     """
-    from ..files import check_outputs
     from ..package import TritonOptions
-    from ..pipeline import PipelineOptions, run_pipeline
-    from .bench import split_batch_sizes
-
-    check_outputs({"--json": json_path}, [labels], folders={"-o": output})
+    from ..pipeline import MANIFEST, PipelineOptions, run_pipeline
+    if json_path is not None and json_path.resolve() == (output / MANIFEST).resolve():
+        raise UserError(f"--json {json_path}: is the pipeline's own manifest; choose another "
+                        "path")
+    bench_sizes = batch_sizes(bench_batch_size, "--bench-batch-size")
+    if not dynamic_batch and bench_sizes != (1,):
+        raise UserError(f"--static-batch exports a model that takes batch 1 only; pass "
+                        f"--bench-batch-size 1 (not {bench_batch_size})")
+    check_outputs({"--json": json_path}, [labels, calibration, eval_images,
+                                          Path(weights) if Path(weights).is_file() else None],
+                  folders={"-o": output})
     random_banner(weights == "random")
     options = PipelineOptions(
         weights=weights, num_classes=num_classes,
@@ -84,10 +91,12 @@ def pipeline(weights: str, num_classes: int | None, input_size: int | None,
         eval_images=eval_images, providers=providers, target=target,
         method=method, num_samples=num_samples, exporter=exporter,
         dynamic_batch=dynamic_batch, parity_limit=parity_limit,
-        bench_batch_sizes=split_batch_sizes(bench_batch_size),
+        bench_batch_sizes=bench_sizes,
         bench_iterations=bench_iterations, seed=seed, force=force,
         triton=TritonOptions(max_batch_size=max_batch_size,
-                             preferred_batch_sizes=split_sizes(preferred),
+                             preferred_batch_sizes=(
+                                 None if preferred is None
+                                 else batch_sizes(preferred, "--preferred-batch-size")),
                              max_queue_delay_us=queue_delay_us,
                              instance_count=instances) if triton else None)
     emit(f"machine: {describe_machine()}")
@@ -168,6 +177,7 @@ def verify(manifest: Path, json_path: Path | None) -> None:
     """
     from ..pipeline import verify as run_verify
 
+    check_outputs({"--json": json_path}, [manifest])
     report = run_verify(manifest)
     for problem in report.problems:
         emit(problem)
