@@ -49,6 +49,14 @@ def random_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _export(path, "random", num_classes=10, input_size=64)
 
 
+@pytest.fixture(scope="module")
+def fp32(random_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A module's private copy of ``random_onnx``, so outputs written beside it (the
+    default A.int8.onnx) stay in that module's folder."""
+    folder = tmp_path_factory.mktemp("fp32")
+    return Path(shutil.copy(random_onnx, folder / "resnet18.onnx"))
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not CIFAR_CKPT.is_file():

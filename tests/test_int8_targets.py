@@ -38,12 +38,6 @@ def run(*args: object) -> Result:
 
 
 @pytest.fixture(scope="module")
-def fp32(random_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("targets")
-    return Path(shutil.copy(random_onnx, folder / "m.onnx"))
-
-
-@pytest.fixture(scope="module")
 def by_target(fp32: Path) -> dict[str, Path]:
     """The random model quantized for each CPU target with the default calibration."""
     out = {}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -28,13 +27,6 @@ PHOTOS = len(list_images(CALIBRATION))  # the shipped photos (17)
 
 def _invoke(*args: str) -> object:
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-
-@pytest.fixture(scope="module")
-def fp32(random_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A private copy, so outputs written beside it stay in this module's folder."""
-    folder = tmp_path_factory.mktemp("quant")
-    return Path(shutil.copy(random_onnx, folder / "resnet18.onnx"))
 
 
 @pytest.fixture(scope="module")
