@@ -23,6 +23,9 @@ def atomic_output(path: Path, suffix: str = ".tmp") -> Iterator[Path]:
                         "another output path")
     if not os.access(folder, os.W_OK):
         raise UserError(f"{path}: folder {folder} is not writable; choose another output path")
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder where a file belongs; remove it or choose another "
+                        "output path")
     try:
         fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=folder)
     except OSError as exc:
@@ -62,6 +65,9 @@ def beside(model: str | Path, tag: str) -> Path:
     return model.with_name(f"{model.name.removesuffix('.onnx')}.{tag}.onnx")
 
 
+NAME_MAX, PATH_MAX = 255, 4096  # Linux's limits, in bytes: one name, a whole path
+
+
 def _same(a: Path, b: Path) -> bool:
     """The same file: equal resolved paths, or one inode reached through a link."""
     if a.resolve() == b.resolve():
@@ -87,6 +93,10 @@ def check_outputs(outputs: Mapping[str, Path | None], inputs: Iterable[Path | No
     given += [(name, Path(p), True) for name, p in (folders or {}).items() if p is not None]
     sources = [Path(p) for p in inputs if p is not None]
     for name, path, is_folder in given:
+        too_long = [part for part in path.parts if len(os.fsencode(part)) > NAME_MAX]
+        if too_long or len(os.fsencode(str(path))) > PATH_MAX:
+            raise UserError(f"{name} {str(path)[:80]}...: the name is longer than the file "
+                            "system allows; choose a shorter path")
         parent = path.parent if str(path.parent) else Path(".")
         if not parent.is_dir():
             raise UserError(f"{name} {path}: folder {parent} does not exist; create it or "
@@ -102,10 +112,9 @@ def check_outputs(outputs: Mapping[str, Path | None], inputs: Iterable[Path | No
                 kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file"
                 raise UserError(f"{name} {path}: is {kind}; give a file path to write")
         for source in sources:
-            # A file already inside an input folder is an input; a folder output inside one
-            # would add files to it (a plot in the calibration folder becomes a "photo").
-            inside = source.is_dir() and (path.exists() or is_folder) and \
-                path.resolve().is_relative_to(source.resolve())
+            # Writing inside an input folder changes the inputs: a file there may be one, and
+            # a new one joins it (a plot in the calibration folder becomes a "photo").
+            inside = source.is_dir() and path.resolve().is_relative_to(source.resolve())
             if _same(path, source):
                 raise UserError(f"{name} {path}: is one of this command's inputs and would be "
                                 "overwritten; choose another path")

@@ -425,7 +425,7 @@ def read_manifest(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise UserError(f"{path}: no such manifest; run 'resnet-deploy pipeline -o DIR' "
                         "first") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise UserError(f"{path}: not a readable manifest ({type(exc).__name__}); rerun "
                         "'resnet-deploy pipeline' to rewrite it") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT \
@@ -444,6 +444,10 @@ def _is_record(record: Any) -> bool:
     truncated manifest must be exit 2, not a traceback)."""
     if not isinstance(record, dict):
         return False
+    if not all(isinstance(o, dict) and isinstance(o.get("path"), str) and
+               0 < len(o["path"]) < 4096 and "\x00" not in o["path"]
+               for o in (record.get("outputs") or [])):
+        return False  # a path the file system could not even look up
     needs: dict[str, type | tuple[type, ...]] = {"step": str, "status": str, "key": str,
                                                  "inputs": dict, "options": dict}
     optional: dict[str, type | tuple[type, ...]] = {"outputs": list, "results": dict,
@@ -570,6 +574,14 @@ class VerifyReport:
     def to_dict(self) -> dict[str, Any]:
         return {"manifest": self.manifest, "checked": self.checked,
                 "problems": list(self.problems), "passed": self.passed}
+
+
+def recorded_files(manifest: str | Path) -> list[Path]:
+    """Every artifact a manifest records: what verify reads, so no output may replace it."""
+    path = Path(manifest)
+    steps = read_manifest(path)["steps"]
+    return [path.parent / entry["path"] for record in steps.values()
+            for entry in record.get("outputs", [])]
 
 
 def verify(manifest: str | Path) -> VerifyReport:

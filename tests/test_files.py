@@ -30,3 +30,11 @@ def test_other_os_errors_are_not_disguised(tmp_path: Path) -> None:
 def test_derived_models_sit_beside_their_source() -> None:
     assert beside("a/resnet18.onnx", "int8") == Path("a/resnet18.int8.onnx")
     assert beside("a/resnet18.onnx", "fp16") == Path("a/resnet18.fp16.onnx")
+
+
+def test_a_folder_where_the_output_file_belongs_is_bad_input(tmp_path: Path) -> None:
+    (tmp_path / "parity.json").mkdir()
+    with pytest.raises(UserError, match="is a folder where a file belongs"):
+        with atomic_output(tmp_path / "parity.json"):
+            pass
+    assert [p.name for p in tmp_path.iterdir()] == ["parity.json"]

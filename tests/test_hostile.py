@@ -104,7 +104,8 @@ class World:
         for folder in (self.inputs, self.out, self.tmp):
             folder.mkdir()
         self.source = model
-        self.built: dict[str, str] = {"out": str(self.out), "missing": str(root / "nowhere")}
+        self.built: dict[str, str] = {"out": str(self.out), "in": str(self.inputs),
+                                      "missing": str(root / "nowhere")}
         self.spied: dict[str, list[int]] = {}
 
     def __getitem__(self, name: str) -> str:
@@ -241,11 +242,30 @@ class World:
         return folder
 
     def make_manifest(self) -> Path:
-        path = self.inputs / "manifest.json"
+        """A manifest recording one artifact, report.md, beside it."""
+        from resnet_deploy.model import file_sha256
         from resnet_deploy.pipeline import FORMAT
 
-        path.write_text(json.dumps({"format": FORMAT, "steps": {}}))
+        (self.inputs / "report.md").write_text("# report\n")
+        record = {"step": "report", "status": "built", "key": "k", "inputs": {},
+                  "options": {}, "outputs": [{"path": "report.md", "sha256":
+                                              file_sha256(self.inputs / "report.md")}]}
+        path = self.inputs / "manifest.json"
+        path.write_text(json.dumps({"format": FORMAT, "steps": {"report": record}}))
         return path
+
+    def make_nested_manifest(self) -> Path:
+        path = self.inputs / "nested" / "manifest.json"
+        path.parent.mkdir()
+        path.write_text("[" * 100_000 + "]" * 100_000)
+        return path
+
+    def make_repo_model(self) -> Path:
+        """A model inside the repository folder that package is asked to replace."""
+        return self._link(self.source, "repo/m/1/model.onnx")
+
+    def make_repo(self) -> Path:
+        return self.inputs / "repo"
 
     def make_bytes_model(self) -> Path:
         return self._link(self.source, b"named/mod\xe8le.onnx")
@@ -860,6 +880,28 @@ CASES = [
     Case("pipeline-static-batch-bench-sizes", 2, "pipeline --weights random --num-classes 10 "
          "--input-size 64 --static-batch --bench-batch-size 1,8 --calibration {photos} "
          "-o {out}/pipe", 2, says=("--bench-batch-size 1",)),
+
+    # a third campaign's finds: outputs that would destroy what a command reads or manages
+    Case("package-output-holds-its-model", 5, "package --model {repo_model} -o {repo}", 2,
+         says=("{repo_model}",)),
+    Case("verify-json-on-a-recorded-artifact", 5, "verify {manifest} --json {in}/report.md", 2,
+         says=("report.md",)),
+    Case("quantize-new-file-inside-calibration", 5,
+         "quantize --model {model} --calibration {photos} -o {photos}/q.onnx", 2,
+         says=("inside the input folder",)),
+    Case("export-output-ends-in-slash", 8, "export --weights random --num-classes 10 "
+         "--input-size 64 -o {out}/newdir/", 2),
+    Case("fp16-name-too-long", 6, "convert-fp16 --model {model} -o {out}/" + "z" * 300
+         + ".onnx", 2, says=("longer than the file system allows",)),
+    Case("verify-deeply-nested-manifest", 3, "verify {nested_manifest}", 2,
+         says=("{nested_manifest}",)),
+    Case("export-seed-overflow", 8, "export --weights random --num-classes 10 --input-size 64 "
+         "--seed 99999999999999999999999 -o {out}/e.onnx", 2),
+    Case("parity-random-count-huge", 8, "parity --model {model} --random 1000000000", 2),
+    Case("export-num-classes-huge", 8, "export --weights random --num-classes 1000000000000 "
+         "-o {out}/e.onnx", 2),
+    Case("bench-empty-batch-item", 8, "bench --model {model} --batch-size 1,,2", 2,
+         says=("--batch-size",)),
 
     # 11 memory does not grow with the image count: every backend sees --batch-size
     Case("parity-torch-streams", 11, "parity --model {model} --images {photos} --weights random "

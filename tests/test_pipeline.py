@@ -230,5 +230,5 @@ def test_outputs_that_would_change_the_inputs_are_exit_2(inputs: dict[str, Path]
     out = tmp_path / "out"
     out.mkdir()
     result = _invoke(*_args(inputs, out), "--json", out / "manifest.json")
-    assert result.exit_code == 2 and "the pipeline's own manifest" in result.output
+    assert result.exit_code == 2 and "is inside the output folder" in result.output
     assert list(out.iterdir()) == []

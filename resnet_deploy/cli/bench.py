@@ -11,7 +11,7 @@ from ..errors import UserError
 from ..files import check_outputs
 from ..machine import describe
 from .app import main
-from .options import (Finite, emit, json_option, progress_enabled,
+from .options import (SEED, FilePath, Finite, emit, json_option, progress_enabled,
                       provider_option, weights_option, write_json_if)
 from .options import batch_sizes as batch_sizes_of
 
@@ -25,7 +25,7 @@ MAX_THREADS = 1024
 
 @main.command()
 @click.option("--model", "models", multiple=True, required=True,
-              type=click.Path(dir_okay=False, path_type=Path),
+              type=FilePath(),
               help="ONNX model to time (repeatable; ratios are to the first).")
 @provider_option(single=True)
 @click.option("--batch-size", "batch_sizes", default="1", show_default=True,
@@ -51,11 +51,11 @@ MAX_THREADS = 1024
               help="TensorRT engine cache folder (default artifacts/trt_cache).")
 @click.option("--placement/--no-placement", default=True, show_default=True,
               help="Count nodes per provider in a separate short profiled session.")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @json_option
-@click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--markdown", "markdown_path", type=FilePath(),
               default=None, help="Also write the table as Markdown here.")
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--plot", "plot_path", type=FilePath(),
               default=None, help="Also draw latency and throughput to this PNG (matplotlib).")
 def bench(models: tuple[Path, ...], providers: tuple[str, ...], batch_sizes: str, warmup: int,
           iterations: int | None, duration: float | None, block: int, threads: int | None,

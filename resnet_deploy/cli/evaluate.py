@@ -9,8 +9,8 @@ import click
 
 from ..files import check_outputs
 from .app import main
-from .options import (build_spec, describe_machine, emit, json_option, preprocess_options,
-                      progress_enabled, provider_option, write_json_if)
+from .options import (SEED, build_spec, describe_machine, emit, FilePath, json_option,
+                      preprocess_options, progress_enabled, provider_option, write_json_if)
 
 if TYPE_CHECKING:
     from ..evaluate import EvaluateResult
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 @main.command()
 @click.option("--model", "models", multiple=True, required=True,
-              type=click.Path(dir_okay=False, path_type=Path),
+              type=FilePath(),
               help="An ONNX model (repeat to compare models side by side).")
 @click.option("--images", type=click.Path(path_type=Path), required=True,
               help="An ImageFolder: one subfolder of images per class.")
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--limit", type=click.IntRange(min=1), default=None,
               help="Evaluate a seeded random subset of this many images.")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--strict", is_flag=True, help="An unreadable image is an error, not a skip.")
 @preprocess_options()
 @json_option

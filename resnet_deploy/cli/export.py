@@ -11,8 +11,9 @@ from ..choices import DEFAULT_OPSET, EXPORTERS, OPSETS, SIMPLIFIERS, Exporter, S
 from ..files import check_outputs
 from ..model import IMAGENET1K_V1
 from .app import main
-from .options import (DEFAULT_IMAGES, DEFAULT_MODEL, build_spec, describe_machine, emit,
-                      json_option, random_banner, read_labels, show_result, source_options)
+from .options import (DEFAULT_IMAGES, DEFAULT_MODEL, SEED, build_spec, describe_machine, emit,
+                      FilePath, json_option, random_banner, read_labels, show_result,
+                      source_options)
 
 if TYPE_CHECKING:
     from ..export import ExportResult
@@ -33,8 +34,8 @@ if TYPE_CHECKING:
 @click.option("--parity-images", type=click.Path(path_type=Path), default=DEFAULT_IMAGES,
               show_default=True, help="Images for the automatic parity check "
                                       "(seeded random inputs when the folder has none).")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--seed", type=SEED, default=0, show_default=True)
+@click.option("-o", "--output", type=FilePath(),
               default=DEFAULT_MODEL, show_default=True)
 @json_option
 def export(weights: str, num_classes: int | None, input_size: int | None,
@@ -56,7 +57,7 @@ def export(weights: str, num_classes: int | None, input_size: int | None,
         raise click.BadParameter(f"the {exporter} exporter writes opsets {low}-{high}; pass "
                                  f"one of those or another --exporter", param_hint="'--opset'")
     check_outputs({"-o": output, "--json": json_path},
-                  [labels, Path(weights) if Path(weights).is_file() else None])
+                  [labels, parity_images, Path(weights) if Path(weights).is_file() else None])
     label_names = read_labels(labels)
     from ..export import ExportOptions
     from ..export import export as run_export

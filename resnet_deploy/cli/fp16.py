@@ -9,15 +9,15 @@ import click
 
 from ..files import check_outputs
 from .app import main
-from .options import DEFAULT_IMAGES, describe_machine, emit, json_option, show_result
+from .options import (DEFAULT_IMAGES, describe_machine, emit, FilePath, json_option, show_result)
 
 
 @main.command("convert-fp16")
-@click.option("--model", "model_option", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--model", "model_option", type=FilePath(),
               default=None, help="The FP32 ONNX model to convert.  [required]")
 @click.argument("model_argument", metavar="[MODEL]", required=False,
-                type=click.Path(dir_okay=False, path_type=Path))
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                type=FilePath())
+@click.option("-o", "--output", type=FilePath(), default=None,
               help="Where to write it (default: A.fp16.onnx beside A.onnx).")
 @click.option("--check-images", type=click.Path(path_type=Path), default=DEFAULT_IMAGES,
               show_default=True, help="Images for the FP32-vs-FP16 check "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -14,10 +15,27 @@ from ..errors import CheckFailed, UserError
 from ..model import PublishedWeights
 
 DEFAULT_MODEL = Path("artifacts/resnet18.onnx")
+# numpy's and torch's generators take seeds below 2**32 on every platform.
+SEED = click.IntRange(0, 2**32 - 1)
 DEFAULT_IMAGES = Path("calibration")
 MAX_INPUT_SIZE = 4096
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+class FilePath(click.Path):
+    """A file path. pathlib drops a trailing slash, so ``-o out/`` would quietly become a
+    file named ``out``: a path that ends in one names a folder and is refused."""
+
+    def __init__(self) -> None:
+        super().__init__(dir_okay=False, path_type=Path)
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and value.endswith(("/", os.sep)):
+            self.fail(f"{value!r} ends in '/', which names a folder; give a file path",
+                      param, ctx)
+        return super().convert(value, param, ctx)
 
 
 class Finite(click.FloatRange):
@@ -81,7 +99,7 @@ def build_spec(input_size: int | None, resize_size: int | None,
 
 
 def json_option(fn: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
+    return click.option("--json", "json_path", type=FilePath(),
                         default=None, help="Also write the results as JSON here.")(fn)
 
 
@@ -185,11 +203,12 @@ def provider_option(*, single: bool = False) -> Decorator:
 def source_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """What a PyTorch model is exported from: --weights, --num-classes, the preprocessing
     and --labels (export and pipeline)."""
-    fn = click.option("--labels", type=click.Path(dir_okay=False, path_type=Path),
+    fn = click.option("--labels", type=FilePath(),
                       default=None, help="Class names, one per line (default: a model.json "
                       "or labels.txt beside the checkpoint, or ImageNet's).")(fn)
     fn = preprocess_options()(fn)
-    fn = click.option("--num-classes", type=click.IntRange(min=1), default=None,
+    # An fc of 100,000 classes is already 200 MB; a typo of 10**12 would be 2 PB.
+    fn = click.option("--num-classes", type=click.IntRange(1, 100_000), default=None,
                       help="Classes of a random model (inferred from fc.weight for "
                            "checkpoints).")(fn)
     return weights_option("imagenet")(fn)
@@ -203,7 +222,7 @@ def batch_sizes(value: str, option: str) -> tuple[int, ...]:
     """``1,8,32`` -> (1, 8, 32): integers from 1 to MAX_BATCH, duplicates dropped; a bad list
     is one error line naming ``option``."""
     try:
-        sizes = tuple(int(v) for v in value.split(",") if v.strip())
+        sizes = tuple(int(v) for v in value.split(","))  # "1,,2" is a typo, not 1,2
     except ValueError:
         raise UserError(f"{option} {value!r}: give comma-separated integers, e.g. 1,8,32"
                         ) from None

@@ -8,8 +8,9 @@ from typing import Any
 import click
 
 from ..choices import DEVICES, TRT_PRECISIONS, Device, TrtPrecision
+from ..errors import UserError
 from .app import main
-from .options import batch_sizes, emit, json_option, write_json_if
+from .options import (batch_sizes, emit, FilePath, json_option, write_json_if)
 
 DEFAULT_REPOSITORY = Path("artifacts/model_repository")
 # The widths of Triton's ModelConfig fields (max_batch_size is int32, the queue delay uint64):
@@ -40,7 +41,7 @@ def triton_options(fn: Any) -> Any:
 @click.option("--format", "fmt", type=click.Choice(["triton"]), default="triton",
               show_default=True, help="The serving layout to write.")
 @click.option("--model", "models", multiple=True, required=True,
-              type=click.Path(dir_okay=False, path_type=Path),
+              type=FilePath(),
               help="An ONNX model (repeatable); A.int8.onnx is served as A_int8.")
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path),
               default=DEFAULT_REPOSITORY, show_default=True,
@@ -79,6 +80,10 @@ def package(fmt: str, models: tuple[Path, ...], output: Path, device: Device,
     from ..package import TritonOptions, package_triton
 
     check_outputs({"--json": json_path}, models, folders={"-o": output})
+    inside = [m for m in models if m.resolve().is_relative_to(output.resolve())]
+    if inside:
+        raise UserError(f"--model {inside[0]}: is inside -o {output}, which package replaces; "
+                        "copy the model out first or choose another -o")
     options = TritonOptions(
         max_batch_size=max_batch_size,
         preferred_batch_sizes=(None if preferred is None

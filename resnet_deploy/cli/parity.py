@@ -10,9 +10,9 @@ import click
 from ..errors import UserError
 from ..files import check_outputs
 from .app import main
-from .options import (DEFAULT_IMAGES, Finite, build_spec, describe_machine, emit, json_option,
-                      preprocess_options, provider_option, random_banner, weights_option,
-                      write_json_if)
+from .options import (DEFAULT_IMAGES, build_spec, describe_machine, emit, FilePath, Finite,
+                      json_option, preprocess_options, provider_option, random_banner,
+                      weights_option, write_json_if)
 
 if TYPE_CHECKING:
     from ..parity import ParityReport
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 @main.command()
 @click.option("--model", "models", multiple=True,
-              type=click.Path(dir_okay=False, path_type=Path),
+              type=FilePath(),
               help="ONNX model to check (repeatable).")
 @weights_option(None)
 @provider_option()
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
                    "else the first model on cpu).")
 @click.option("--images", type=click.Path(path_type=Path), default=None,
               help=f"Real images to feed (default {DEFAULT_IMAGES}/).")
-@click.option("--random", "random_count", type=click.IntRange(min=1), default=None,
+@click.option("--random", "random_count", type=click.IntRange(1, 1_000_000), default=None,
               help="Use N seeded random inputs instead of images.")
 @click.option("--limit", type=click.IntRange(min=1), default=None,
               help="At most N images (a seeded subset).")
@@ -42,9 +42,9 @@ if TYPE_CHECKING:
               help="Cosine floor override: per input for FP32/FP16, 1st percentile for INT8.")
 @click.option("--min-top1", type=Finite(0, 1), default=None,
               help="Top-1 agreement floor (0-1).")
-@click.option("--save-outputs", type=click.Path(dir_okay=False, path_type=Path), default=None,
+@click.option("--save-outputs", type=FilePath(), default=None,
               help="Write the reference logits and input hashes to this .npz.")
-@click.option("--load-outputs", type=click.Path(dir_okay=False, path_type=Path), default=None,
+@click.option("--load-outputs", type=FilePath(), default=None,
               help="Compare with golden logits from --save-outputs (no PyTorch needed).")
 @click.option("--strict", is_flag=True, help="An unreadable image is an error, not a skip.")
 @click.option("--skip-unavailable", is_flag=True,

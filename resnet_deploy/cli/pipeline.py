@@ -12,8 +12,9 @@ from ..errors import UserError, CheckFailed
 from ..model import IMAGENET1K_V1
 from ..files import check_outputs
 from .app import main
-from .options import (batch_sizes, DEFAULT_IMAGES, build_spec, describe_machine, emit, json_option,
-                      provider_option, random_banner, read_labels, source_options, write_json_if)
+from .options import (DEFAULT_IMAGES, SEED, batch_sizes, build_spec, describe_machine, emit,
+                      FilePath, json_option, provider_option, random_banner, read_labels,
+                      source_options, write_json_if)
 from .package import triton_options
 
 if TYPE_CHECKING:
@@ -43,7 +44,7 @@ if TYPE_CHECKING:
 @click.option("--bench-iterations", type=click.IntRange(min=1), default=30, show_default=True)
 @click.option("--triton", is_flag=True, help="Also write OUT/model_repository for Triton.")
 @triton_options
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--force", is_flag=True, help="Rebuild every step.")
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path),
               default=Path("artifacts"), show_default=True, help="The output folder.")
@@ -72,10 +73,10 @@ def pipeline(weights: str, num_classes: int | None, input_size: int | None,
       resnet-deploy verify artifacts/manifest.json
     """
     from ..package import TritonOptions
-    from ..pipeline import MANIFEST, PipelineOptions, run_pipeline
-    if json_path is not None and json_path.resolve() == (output / MANIFEST).resolve():
-        raise UserError(f"--json {json_path}: is the pipeline's own manifest; choose another "
-                        "path")
+    from ..pipeline import PipelineOptions, run_pipeline
+    if json_path is not None and json_path.resolve().is_relative_to(output.resolve()):
+        raise UserError(f"--json {json_path}: is inside the output folder {output}, where the "
+                        "pipeline keeps its artifacts and manifest; choose a path outside it")
     bench_sizes = batch_sizes(bench_batch_size, "--bench-batch-size")
     if not dynamic_batch and bench_sizes != (1,):
         raise UserError(f"--static-batch exports a model that takes batch 1 only; pass "
@@ -160,7 +161,7 @@ def step_summary(record: Any) -> str:
 
 
 @main.command()
-@click.argument("manifest", type=click.Path(dir_okay=False, path_type=Path),
+@click.argument("manifest", type=FilePath(),
                 default=Path("artifacts/manifest.json"))
 @json_option
 def verify(manifest: Path, json_path: Path | None) -> None:
@@ -177,7 +178,9 @@ def verify(manifest: Path, json_path: Path | None) -> None:
     """
     from ..pipeline import verify as run_verify
 
-    check_outputs({"--json": json_path}, [manifest])
+    from ..pipeline import recorded_files
+
+    check_outputs({"--json": json_path}, [manifest, *recorded_files(manifest)])
     report = run_verify(manifest)
     for problem in report.problems:
         emit(problem)

@@ -10,19 +10,19 @@ import click
 from ..choices import METHODS, QUANT_TYPES, TARGETS, Method, QuantType, Target
 from ..files import check_outputs
 from .app import main
-from .options import (Finite, build_spec, describe_machine, emit, json_option, preprocess_options,
-                      progress_enabled, show_result)
+from .options import (SEED, build_spec, describe_machine, emit, FilePath, Finite, json_option,
+                      preprocess_options, progress_enabled, show_result)
 
 if TYPE_CHECKING:
     from ..quantize import QuantizeResult
 
 
 @main.command()
-@click.option("--model", "model", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--model", "model", type=FilePath(),
               required=True, help="The FP32 ONNX model.")
 @click.option("--calibration", type=click.Path(path_type=Path), required=True,
               help="Folder of photos (searched recursively).")
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+@click.option("-o", "--output", type=FilePath(), default=None,
               help="INT8 model path [default: beside the input, suffix .int8.onnx].")
 @click.option("--method", type=click.Choice(METHODS),
               default="minmax", show_default=True, help="Calibration method.")
@@ -53,7 +53,7 @@ if TYPE_CHECKING:
 @click.option("--no-check", "skip_check", is_flag=True,
               help="Write the model without comparing it with FP32 (the output says so).")
 @click.option("--strict", is_flag=True, help="An unreadable image is an error, not a skip.")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @preprocess_options()
 @json_option
 def quantize(model: Path, calibration: Path, output: Path | None, method: Method,
