@@ -239,8 +239,11 @@ def export(model: nn.Module, weights: LoadedWeights, spec: PreprocessSpec, outpu
     if labels is None:
         labels, labels_source = weights.labels, weights.labels_source
     if labels is not None and len(labels) != weights.num_classes:
-        raise UserError(f"{len(labels)} labels given for a model with {weights.num_classes} "
-                        "classes; pass a --labels file with one line per class")
+        fix = (f"give --num-classes {len(labels)} for a random model, or a labels file "
+               "with one line per class" if weights.is_random else
+               "give a labels file with one line per class")
+        raise UserError(f"{labels_source or 'the labels'}: {len(labels)} labels for a model "
+                        f"with {weights.num_classes} classes; {fix}")
     output = Path(output)
     seconds: dict[str, float] = {}
     with atomic_output(output) as tmp:

@@ -141,7 +141,7 @@ def convert_fp16(model: str | Path, output: str | Path | None = None, *,
     proto = load_onnx(source)
     file = ModelFile.from_proto(proto, source)
     if file.precision != "fp32":
-        raise UserError(f"{source}: is already a {file.precision} model; convert the FP32 "
+        raise UserError(f"{source}: is already {file.precision.upper()}; convert the FP32 "
                         "export")
     meta = file.meta
     if meta is None and file.io.height is None:

@@ -253,13 +253,19 @@ def _tolerance(precision: str, overrides: ToleranceOverrides) -> Tolerance:
     return overrides.apply(TOLERANCES[precision])
 
 
+# From strictest to loosest: a pair is judged by the looser of its two precisions, so an
+# FP32 model compared with an INT8 reference gets INT8's tolerance, as the other way round.
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
 def _judge(row: BackendResult, reference: np.ndarray, outputs: np.ndarray,
-           overrides: ToleranceOverrides) -> BackendResult:
+           overrides: ToleranceOverrides, reference_precision: str = "fp32") -> BackendResult:
     if outputs.shape != reference.shape:
         raise UserError(f"{row.backend}: outputs have shape {outputs.shape} but the reference "
                         f"has {reference.shape}; the weights and the model disagree on classes")
+    precision = max(row.precision, reference_precision, key=PRECISIONS.index)
     check = CheckResult.judge(f"{row.backend} vs the reference", reference, outputs,
-                              _tolerance(row.precision, overrides))
+                              _tolerance(precision, overrides))
     return dataclasses.replace(row, check=check)
 
 
@@ -280,6 +286,7 @@ def run_parity(models: Sequence[ModelFile], *, inputs: Inputs, weights_model: An
         reference_name = f"{models[0].path}@cpu"
     ran: set[str] = set()
     reference_backend: Backend | None = None
+    reference_precision = "fp32"  # torch, or golden outputs saved from a reference
     if golden is not None:
         reference_name = golden.reference
     elif reference_name == "torch":
@@ -293,6 +300,8 @@ def run_parity(models: Sequence[ModelFile], *, inputs: Inputs, weights_model: An
             raise UserError(f"--reference {reference_name!r}: use torch or MODEL@PROVIDER")
         reference_backend = OrtBackend(Path(model), provider)
         ran.add(f"{Path(model)}@{short_provider(provider_name(provider))}")
+        opened = next((m for m in models if m.path == Path(model)), None)
+        reference_precision = (opened or ModelFile.read(model)).precision
     report = ParityReport(reference_name, {})
     candidates: list[tuple[BackendResult, Backend]] = []
     if weights_model is not None:
@@ -328,7 +337,7 @@ def run_parity(models: Sequence[ModelFile], *, inputs: Inputs, weights_model: An
     report.inputs = {"description": inputs.description, "count": len(inputs.names)}
     for (row, _), collected in zip(candidates, outputs, strict=True):
         report.results.append(_judge(row, reference, np.concatenate(collected),
-                                     options.tolerances))
+                                     options.tolerances, reference_precision))
     if not report.results:
         if not options.save_reference:
             raise UserError("nothing was compared with the reference; add --model, --weights "
@@ -387,6 +396,8 @@ def check(report: ParityReport) -> None:
         raise CheckFailed("every backend was skipped, so nothing was verified", report=report)
     failed = [r for r in report.results if r.passed is False]
     if failed:
-        raise CheckFailed("; ".join(f"{r.backend}: {', '.join(r.failures)}" for r in failed),
+        raise CheckFailed("; ".join(f"{r.backend}: {', '.join(r.failures)}" for r in failed)
+                          + "; if that difference is expected, loosen the tolerance (--atol, "
+                          "--min-cosine, --min-top1: the report shows what would pass)",
                           report=report)
 

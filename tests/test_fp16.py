@@ -65,7 +65,7 @@ def test_fp16_logits_close_to_fp32_on_calibration_images(fp16_pair: tuple[Path, 
 
 
 def test_refuses_already_converted_model(fp16_pair: tuple[Path, Path], tmp_path: Path) -> None:
-    with pytest.raises(UserError, match="already a fp16 model"):
+    with pytest.raises(UserError, match="is already FP16"):
         convert_fp16(fp16_pair[1], tmp_path / "again.onnx")
 
 

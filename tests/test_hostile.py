@@ -298,6 +298,20 @@ class World:
         path.write_text("".join(f"class{i}\n" for i in range(10)), encoding="utf-8")
         return path
 
+    def _labels(self, name: str, data: bytes) -> Path:
+        path = self.inputs / name
+        path.write_bytes(data)
+        return path
+
+    def make_dup_labels(self) -> Path:
+        return self._labels("dup.txt", b"cat\ncat\n")
+
+    def make_gap_labels(self) -> Path:
+        return self._labels("gap.txt", b"cat\n\ndog\n")
+
+    def make_bom_labels(self) -> Path:
+        return self._labels("bom.txt", b"\xef\xbb\xbfcat\r\ndog\r\n")
+
     def make_latin1_labels(self) -> Path:
         path = self.inputs / "labels_latin1.txt"
         path.write_bytes(b"".join(b"caf\xe9 %d\n" % i for i in range(10)))
@@ -903,6 +917,17 @@ CASES = [
     Case("bench-empty-batch-item", 8, "bench --model {model} --batch-size 1,,2", 2,
          says=("--batch-size",)),
 
+    # a fourth campaign's finds: labels files that would shift or merge classes silently
+    Case("export-labels-repeated", 8, "export --weights random --num-classes 2 --input-size 64 "
+         "--labels {dup_labels} -o {out}/e.onnx", 2, says=("{dup_labels}", "'cat'")),
+    Case("export-labels-blank-line", 8, "export --weights random --num-classes 2 "
+         "--input-size 64 --labels {gap_labels} -o {out}/e.onnx", 2, says=("{gap_labels}",)),
+    Case("export-labels-count-names-file", 8, "export --weights random --input-size 64 "
+         "--labels {bom_labels} -o {out}/e.onnx", 2, says=("{bom_labels}", "--num-classes 2")),
+    Case("export-labels-bom-crlf", 8, "export --weights random --num-classes 2 --input-size 64 "
+         "--labels {bom_labels} -o {out}/e.onnx", 0, creates=("{out}/e.onnx",),
+         check=lambda world, result: _labels_are(world, ["cat", "dog"])),
+
     # 11 memory does not grow with the image count: every backend sees --batch-size
     Case("parity-torch-streams", 11, "parity --model {model} --images {photos} --weights random "
          "--batch-size 2", 0, spy=("resnet_deploy.runtime.TorchBackend.infer",
@@ -912,6 +937,12 @@ CASES = [
          "--batch-size 3", 0, spy=("resnet_deploy.runtime.OrtBackend.infer",),
          check=_batches_within(3)),
 ]
+
+
+def _labels_are(world: World, expected: list[str]) -> None:
+    from resnet_deploy.preprocess import read_metadata
+
+    assert read_metadata(world.out / "e.onnx").labels == expected
 
 
 def _param(case: Case) -> Any:

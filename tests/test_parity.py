@@ -16,7 +16,7 @@ from resnet_deploy.machine import cpu_info
 from resnet_deploy.metrics import TOLERANCES, compare
 from resnet_deploy.runtime import model_precision
 
-from .conftest import CIFAR_CALIB, CIFAR_DEV, assert_names_machine
+from .conftest import CALIBRATION, CIFAR_CALIB, CIFAR_DEV, assert_names_machine
 
 
 def run(*args: object) -> Result:
@@ -170,3 +170,15 @@ def test_default_image_folder_missing_is_explained(random_onnx: Path, tmp_path: 
     monkeypatch.chdir(tmp_path)
     result = run("parity", "--weights", "random", "--model", random_onnx)
     assert result.exit_code == 2 and "--images DIR or --random N" in result.output
+
+
+def test_an_int8_reference_judges_an_fp32_model_by_int8_tolerances(random_onnx: Path,
+                                                                    tmp_path: Path) -> None:
+    """A pair is judged by its looser precision, whichever side of it is the reference."""
+    int8 = tmp_path / "m.int8.onnx"
+    assert run("quantize", "--model", random_onnx, "--calibration", CALIBRATION, "-o", int8
+               ).exit_code == 0
+    result = run("parity", "--model", random_onnx, "--reference", f"{int8}@cpu",
+                 "--random", "8")
+    assert result.exit_code == 0, result.output
+    assert "cosine p1 >= 0.97" in result.output

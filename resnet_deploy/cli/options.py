@@ -157,18 +157,28 @@ def random_banner(untrained: bool) -> None:
 
 
 def read_labels(path: Path | None) -> list[str] | None:
+    """Class names, one per line (a BOM and CRLF line ends are fine). A blank line between
+    names or a repeated name is refused: either would shift or merge classes silently."""
     if path is None:
         return None
     try:
-        labels = [line.strip() for line in path.read_text("utf-8").splitlines() if line.strip()]
+        lines = [line.strip() for line in path.read_text("utf-8-sig").splitlines()]
     except OSError as exc:
         raise UserError(f"{path}: cannot read the labels file ({exc.strerror})") from None
     except UnicodeDecodeError as exc:
         raise UserError(f"{path}: the labels file is not UTF-8 text (byte {exc.start}); save "
                         "it as UTF-8, one class name per line") from None
-    if not labels:
+    while lines and not lines[-1]:
+        lines.pop()  # trailing blank lines are only the file's end
+    if not lines:
         raise UserError(f"{path}: the labels file is empty; give one class name per line")
-    return labels
+    if "" in lines:
+        raise UserError(f"{path}: line {lines.index('') + 1} is blank; give one class name per "
+                        "line, with none left empty")
+    repeated = next((name for i, name in enumerate(lines) if name in lines[:i]), None)
+    if repeated is not None:
+        raise UserError(f"{path}: {repeated!r} is listed twice; each class needs its own name")
+    return lines
 
 
 def progress_enabled() -> bool:
