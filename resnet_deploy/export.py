@@ -194,8 +194,9 @@ def simplify(proto: onnx.ModelProto, simplifier: str) -> tuple[onnx.ModelProto, 
 def parity_inputs(spec: PreprocessSpec, folder: Path | None, count: int,
                   seed: int) -> tuple[np.ndarray, str]:
     """Real images from ``folder`` when it holds any, else seeded random inputs."""
-    if folder is not None and folder.is_dir() and list_images(folder):
-        batch, used = image_inputs(folder, spec, count, seed)
+    listed = list_images(folder) if folder is not None and folder.is_dir() else []
+    if folder is not None and listed:
+        batch, used = image_inputs(folder, spec, count, seed, listed=listed)
         return batch, f"{len(used)} images from {folder}"
     return random_inputs(spec, count, seed), f"{count} seeded random inputs"
 

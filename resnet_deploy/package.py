@@ -24,7 +24,7 @@ from .choices import DEVICES, TRT_PRECISIONS, Device, TrtPrecision
 from .errors import UserError
 from .model import file_sha256
 from .preprocess import PreprocessSpec, load_onnx, metadata_from_proto
-from .runtime import model_precision
+from .runtime import model_precision, tensor_dims
 
 if TYPE_CHECKING:
     import onnx
@@ -144,8 +144,9 @@ def repository_name(model: str | Path) -> str:
     return name.replace(".", "_")
 
 
-def graph_io(proto: onnx.ModelProto) -> tuple[list[TensorIO], list[TensorIO]]:
-    """The graph's real inputs (initializers excluded) and its outputs."""
+def triton_io(proto: onnx.ModelProto) -> tuple[list[TensorIO], list[TensorIO]]:
+    """The graph's real inputs (initializers excluded) and its outputs, as Triton names
+    their types and dims (-1 where a dimension is dynamic)."""
     initializers = {init.name for init in proto.graph.initializer}
 
     def io(value: Any) -> TensorIO:
@@ -154,8 +155,7 @@ def graph_io(proto: onnx.ModelProto) -> tuple[list[TensorIO], list[TensorIO]]:
         if dtype is None:
             raise UserError(f"{value.name!r} has ONNX element type {tensor.elem_type}, which "
                             "Triton cannot serve")
-        shape = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else -1
-                      for d in tensor.shape.dim)
+        shape = tuple(d or -1 for d in tensor_dims(value))  # 0 or unknown: dynamic
         return TensorIO(value.name, dtype, shape)
 
     inputs = [io(v) for v in proto.graph.input if v.name not in initializers]
@@ -188,7 +188,7 @@ def build_config(name: str, proto: onnx.ModelProto, options: TritonOptions, *,
                  has_labels: bool, source_sha256: str) -> Any:
     """The ModelConfig derived from the graph: nothing here is typed in by hand."""
     schema = model_config_pb2()
-    inputs, outputs = graph_io(proto)
+    inputs, outputs = triton_io(proto)
     static = static_batch(inputs)
     config = schema.ModelConfig(name=name, platform=PLATFORM,
                                 max_batch_size=0 if static else options.max_batch_size)
@@ -267,7 +267,7 @@ def config_problems(config: Any, proto: onnx.ModelProto, model_dir: Path) -> lis
     batching = config.max_batch_size > 0
     if config.max_batch_size < 0:
         problems.append("max_batch_size is negative")
-    inputs, outputs = graph_io(proto)
+    inputs, outputs = triton_io(proto)
     graph = {io.name: io for io in (*inputs, *outputs)}
     wanted = {io.name for io in inputs}
     configured = {io.name for io in config.input}
@@ -430,7 +430,6 @@ def package_triton(models: Sequence[str | Path], output: str | Path, *,
             model, specs[name] = _write_model(path, name, staging / name, opts)
             packaged.append(model)
         (staging / "README.md").write_text(readme(packaged, specs), encoding="utf-8")
-        check_repository(staging)
         files = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*")
                        if p.is_file())
         _publish(staging, output, Path(tmp))
@@ -451,11 +450,13 @@ def _write_model(path: Path, name: str, folder: Path,
     if labels:
         (folder / LABELS_FILE).write_text("\n".join(labels) + "\n", encoding="utf-8")
     config = build_config(name, proto, options, has_labels=bool(labels), source_sha256=sha)
-    problems = config_problems(config, proto, folder)
+    (folder / CONFIG_FILE).write_text(text_format.MessageToString(config), encoding="utf-8")
+    # Checked as Triton will read it: the written text parsed back with Triton's schema,
+    # against the graph already in hand (one check per model, no second load).
+    problems = config_problems(parse_config(folder / CONFIG_FILE), proto, folder)
     if problems:
         raise UserError(f"{path}: Triton would refuse this model as configured: {problems[0]}"
                         + _fix_hint(problems[0]))
-    (folder / CONFIG_FILE).write_text(text_format.MessageToString(config), encoding="utf-8")
     accelerator = trt_mode(precision, options)
     model = PackagedModel(
         name=name, source=str(path), source_sha256=sha, precision=precision,

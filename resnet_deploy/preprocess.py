@@ -187,9 +187,12 @@ def load_batch(paths: Iterable[Path], spec: PreprocessSpec, *,
 
 
 def image_inputs(folder: str | Path, spec: PreprocessSpec, limit: int | None = None,
-                 seed: int = 0) -> tuple[np.ndarray, list[Path]]:
-    """Real photos through ``spec``: a seeded subset of at most ``limit`` readable images."""
-    paths = seeded_subset(list_images(folder), limit, seed)
+                 seed: int = 0, *, listed: Sequence[Path] | None = None,
+                 ) -> tuple[np.ndarray, list[Path]]:
+    """Real photos through ``spec``: a seeded subset of at most ``limit`` readable images
+    (``listed``: the folder's images when the caller has already listed them)."""
+    paths = seeded_subset(list(listed) if listed is not None else list_images(folder), limit,
+                          seed)
     batch, used, skipped = load_batch(paths, spec)
     if skipped:
         log.warning("skipped %d unreadable image(s) in %s", len(skipped), folder)

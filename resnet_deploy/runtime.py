@@ -205,7 +205,8 @@ class GraphIO:
     classes: int | None
 
 
-def _dims(value_info: onnx.ValueInfoProto) -> list[int | None]:
+def tensor_dims(value_info: onnx.ValueInfoProto) -> list[int | None]:
+    """A graph input's or output's dims; None where a dimension is dynamic."""
     return [d.dim_value if d.HasField("dim_value") else None
             for d in value_info.type.tensor_type.shape.dim]
 
@@ -226,14 +227,14 @@ def graph_io(model: onnx.ModelProto, source: str | Path) -> GraphIO:
         raise UserError(f"{source}: input {image.name!r} is "
                         f"{onnx.TensorProto.DataType.Name(dtype).lower()}, not float32; the "
                         f"preprocessing gives float32 images; {fix}")
-    dims = _dims(image)
+    dims = tensor_dims(image)
     if len(dims) != 4 or dims[1] not in (None, 3):
         raise UserError(f"{source}: input {image.name!r} has shape "
                         f"{[d if d is not None else '?' for d in dims]}; expected NCHW with 3 "
                         f"channels (N, 3, H, W); {fix}")
     if not model.graph.output:
         raise UserError(f"{source}: the model has no output; {fix}")
-    out = _dims(model.graph.output[0])
+    out = tensor_dims(model.graph.output[0])
     if len(out) != 2:
         raise UserError(f"{source}: output {model.graph.output[0].name!r} has "
                         f"{len(out)} dimensions; expected (N, classes) logits; {fix}")
