@@ -16,6 +16,11 @@ METHODS: tuple[Method, ...] = get_args(Method)
 QUANT_TYPES: tuple[QuantType, ...] = get_args(QuantType)
 TARGETS: tuple[Target, ...] = get_args(Target)
 
+# The preprocessing's resampling filters (Pillow's names) and ImageNet's normalisation.
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 Exporter = Literal["dynamo", "torchscript"]
 EXPORTERS: tuple[Exporter, ...] = get_args(Exporter)
 Simplifier = Literal["onnxsim", "onnxslim", "none"]

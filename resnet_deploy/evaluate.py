@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,9 @@ class EvaluateOptions:
 
 @dataclass(frozen=True)
 class ModelAccuracy:
+    """One model's accuracy; ``top1_agreement`` and ``top1_drop_pt`` compare it with the
+    first model on the photos both scored (None for the first model itself)."""
+
     model: str
     provider: str
     precision: str
@@ -43,11 +46,29 @@ class ModelAccuracy:
     top1: float
     top5: float
     label_mapping: str
+    classes: int = 0  # the model's outputs: chance is 1/classes
+    top1_agreement: float | None = None
+    top1_drop_pt: float | None = None
+
+    @property
+    def near_chance(self) -> bool:
+        """Top-1 within :data:`CHANCE_MARGIN` of guessing: wrong preprocessing or labels."""
+        return self.classes > 1 and self.top1 - 1 / self.classes <= CHANCE_MARGIN
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "provider": self.provider, "n": self.n,
                 "top1": round(self.top1, 6), "top5": round(self.top5, 6),
-                "precision": self.precision, "label_mapping": self.label_mapping}
+                "precision": self.precision, "label_mapping": self.label_mapping,
+                "classes": self.classes, "near_chance": self.near_chance,
+                "top1_agreement": (None if self.top1_agreement is None
+                                   else round(self.top1_agreement, 6)),
+                "top1_drop_pt": (None if self.top1_drop_pt is None
+                                 else round(self.top1_drop_pt, 4))}
+
+
+# Two points of top-1 above chance (1/classes): a trained model scoring this low is being fed
+# another preprocessing than it was trained with, or its classes are mapped wrongly.
+CHANCE_MARGIN = 0.02
 
 
 @dataclass(frozen=True)
@@ -72,10 +93,13 @@ class _Entry:
     precision: str
     targets: dict[Path, int]
     mapping: str
+    untrained: bool = False
+    classes: int = 0
     backend: Any = None
     top1: int = 0
     top5: int = 0
     n: int = 0
+    predicted: dict[Path, int] = field(default_factory=dict)  # top-1 class per photo
 
 
 def evaluate(models: Sequence[str | Path], images: str | Path, *,
@@ -90,14 +114,16 @@ def evaluate(models: Sequence[str | Path], images: str | Path, *,
     for model in models:
         file = ModelFile.read(model)
         file.warn_if_wrong_cpu(options.provider)
-        if file.meta is not None and file.meta.weights.get("source") == "random":
+        untrained = file.meta is not None and file.meta.weights.get("source") == "random"
+        if untrained:
             log.warning("%s: exported from random weights, so its accuracy means nothing",
                         file.path)
         spec = file.spec(options.spec)
         labels = file.meta.labels if file.meta else None
         indices, mapping = folder.class_indices(labels, file.io.classes)
         targets = {p: indices[c] for p, c in zip(folder.paths, folder.class_ids, strict=True)}
-        entries.append(_Entry(file.path, spec, file.precision, targets, mapping))
+        entries.append(_Entry(file.path, spec, file.precision, targets, mapping,
+                              untrained=untrained))
     for entry in entries:
         entry.backend = OrtBackend(entry.path, options.provider)
     specs = list(dict.fromkeys(e.spec for e in entries))
@@ -118,11 +144,35 @@ def evaluate(models: Sequence[str | Path], images: str | Path, *,
     warn_skipped(sorted(skipped), len(paths), "images")
     if all(e.n == 0 for e in entries):
         raise UserError(f"{folder.root}: none of the {len(paths)} images could be read")
-    return EvaluateResult(
-        images=str(folder.root), classes=len(folder.classes),
-        models=tuple(ModelAccuracy(str(e.path), e.backend.provider, e.precision, e.n,
-                                   e.top1 / max(e.n, 1), e.top5 / max(e.n, 1), e.mapping)
-                     for e in entries))
+    accuracies = _accuracies(entries)
+    for acc, entry in zip(accuracies, entries, strict=True):
+        if acc.near_chance and not entry.untrained:
+            log.warning("%s: top-1 %.2f%% is within %d points of chance (%.2f%% for %d "
+                        "classes); check the preprocessing it was exported with (input size "
+                        "%d) and that the folders match its classes", entry.path,
+                        100 * acc.top1, round(100 * CHANCE_MARGIN), 100 / acc.classes,
+                        acc.classes, entry.spec.input_size)
+    return EvaluateResult(images=str(folder.root), classes=len(folder.classes),
+                          models=tuple(accuracies))
+
+
+def _accuracies(entries: Sequence[_Entry]) -> list[ModelAccuracy]:
+    """Each model's figures; from the second on, its agreement with the first model (the
+    share of photos both scored where they pick the same class) and its top-1 drop."""
+    first = entries[0]
+    out = []
+    for entry in entries:
+        top1 = entry.top1 / max(entry.n, 1)
+        agreement = drop = None
+        if entry is not first:
+            both = [p for p in entry.predicted if p in first.predicted]
+            agreement = (sum(entry.predicted[p] == first.predicted[p] for p in both)
+                         / len(both)) if both else None
+            drop = 100 * (first.top1 / max(first.n, 1) - top1)
+        out.append(ModelAccuracy(str(entry.path), entry.backend.provider, entry.precision,
+                                 entry.n, top1, entry.top5 / max(entry.n, 1), entry.mapping,
+                                 entry.classes, agreement, drop))
+    return out
 
 
 def _score(entry: _Entry, logits: np.ndarray, used: Sequence[Path]) -> None:
@@ -134,3 +184,5 @@ def _score(entry: _Entry, logits: np.ndarray, used: Sequence[Path]) -> None:
     entry.top1 += hits(logits, targets, 1)
     entry.top5 += hits(logits, targets, 5)
     entry.n += len(used)
+    entry.classes = logits.shape[1]
+    entry.predicted.update(zip(used, logits.argmax(axis=1).tolist(), strict=True))

@@ -13,7 +13,7 @@ import os
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 INDUCTOR_CACHE = "TORCHINDUCTOR_CACHE_DIR"
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
+# Keys of the metadata's ``extra`` record: where each preprocessing value and the labels
+# came from, in words (reports print them).
+SOURCES_KEY, LABELS_SOURCE_KEY = "preprocess_sources", "labels_source"
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,9 @@ class ExportResult:
     labels_source: str = ""  # where the stored class names came from, in words
     parity_inputs: str = ""  # what the checks ran on, in words
     layers: int = 0  # nodes named after the PyTorch module they came from
+    preprocess: dict[str, Any] = field(default_factory=dict)  # the spec stored in the model
+    preprocess_sources: dict[str, str] = field(default_factory=dict)  # field -> its source
+    weights_sha256: str | None = None
 
     @property
     def passed(self) -> bool:
@@ -225,11 +231,14 @@ def constants_folded(outputs_before: list[list[str]], after: onnx.ModelProto) ->
 
 def export(model: nn.Module, weights: LoadedWeights, spec: PreprocessSpec, output: Path, *,
            labels: list[str] | None = None, labels_source: str | None = None,
+           preprocess_sources: Mapping[str, str] | None = None,
            options: ExportOptions = ExportOptions()) -> ExportResult:
     """Export ``model`` to a single verified ONNX file at ``output``.
 
     ``labels`` (from ``labels_source``, in words) win over the weights' own. The node ->
-    PyTorch module mapping (:mod:`layers`) is recorded in the metadata. Raises UserError
+    PyTorch module mapping (:mod:`layers`), the output's name and kind, and where each
+    preprocessing value came from (``preprocess_sources``, :mod:`card`) are recorded in
+    the metadata. Raises UserError
     for bad input and CheckFailed (leaving no file) when the exported model's logits
     differ from PyTorch's beyond the FP32 tolerance.
     """
@@ -273,7 +282,10 @@ def export(model: nn.Module, weights: LoadedWeights, spec: PreprocessSpec, outpu
                      "random": weights.is_random, "seed": weights.seed,
                      "num_classes": weights.num_classes},
             exporter=options.exporter, opset=opset, versions=package_versions(),
-            extra={layers.METADATA_KEY: names}))
+            output={"name": OUTPUT_NAME, "kind": "logits"},
+            extra={layers.METADATA_KEY: names,
+                   SOURCES_KEY: dict(preprocess_sources or {}),
+                   LABELS_SOURCE_KEY: labels_source}))
         onnx.save(proto, str(tmp), save_as_external_data=False)
         start = time.perf_counter()
         inputs, source = parity_inputs(spec, options.parity_images, options.parity_samples,
@@ -290,7 +302,8 @@ def export(model: nn.Module, weights: LoadedWeights, spec: PreprocessSpec, outpu
             batchnorm_nodes=sum(n.op_type == "BatchNormalization" for n in proto.graph.node),
             labels_source=(f"{len(labels)} class names from {labels_source or 'the caller'}"
                            if labels is not None else "none: outputs are class indices"),
-            layers=len(names))
+            layers=len(names), preprocess=spec.to_dict(),
+            preprocess_sources=dict(preprocess_sources or {}), weights_sha256=weights.sha256)
         if not result.passed:
             failures = "; ".join(c.reason for c in checks.values() if not c)
             raise CheckFailed(f"exported model does not match PyTorch ({failures}); "

@@ -17,7 +17,7 @@ quantization and FP16 conversion; models exported elsewhere get it derived on th
 from __future__ import annotations
 
 import ast
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -108,3 +108,17 @@ def resolve(requested: Iterable[str], nodes: Iterable[str],
         else:
             missing.append(name)
     return found, missing
+
+
+def closest(requested: str, nodes: Sequence[str], names: Mapping[str, str], what: str,
+            shown: int = 8) -> str:
+    """``it has 21 Conv/Gemm layers; closest first: layer3.1.conv2 (node_Conv_40), ...``:
+    a long list says how long it is and starts with the names nearest to the request."""
+    import difflib
+
+    labels = {display(n, names): max(difflib.SequenceMatcher(None, requested, key).ratio()
+                                     for key in (n, names.get(n, n)))
+              for n in nodes}
+    ranked = sorted(labels, key=lambda label: -labels[label])
+    more = f", and {len(ranked) - shown} more" if len(ranked) > shown else ""
+    return f"it has {len(ranked)} {what}; closest first: {', '.join(ranked[:shown])}{more}"

@@ -186,6 +186,36 @@ class CheckResult:
     def reason(self) -> str:
         return "; ".join(self.failures)
 
+    def needed(self) -> dict[str, float]:
+        """For each rule these figures fail, the loosest setting they would pass: ``atol``,
+        ``min_cosine`` (the cosine rule in force) and ``min_top1``, the override names that
+        parity, quantize and the pipeline share. NaN/Inf outputs pass no setting."""
+        cmp, tol, out = self.comparison, self.tolerance, {}
+        allowed = tol.allowed_abs(cmp)
+        if allowed is not None and cmp.max_abs_diff > allowed:
+            out["atol"] = cmp.max_abs_diff
+        if tol.min_cosine is not None and cmp.cosine_min < tol.min_cosine:
+            out["min_cosine"] = cmp.cosine_min
+        if tol.min_cosine_p1 is not None and cmp.cosine_p1 < tol.min_cosine_p1:
+            out["min_cosine"] = cmp.cosine_p1
+        if tol.min_top1 is not None and cmp.top1_agreement < tol.min_top1:
+            out["min_top1"] = cmp.top1_agreement
+        return out
+
+    def judged_on(self) -> dict[str, float]:
+        """The figure behind each rule in force: what the verdict rests on (max abs diff for
+        FP32, the worst cosine for FP16, the 1st-percentile cosine for INT8, top-1)."""
+        cmp, tol, out = self.comparison, self.tolerance, {}
+        if tol.allowed_abs(cmp) is not None:
+            out["max_abs_diff"] = cmp.max_abs_diff
+        if tol.min_cosine is not None:
+            out["cosine_min"] = cmp.cosine_min
+        if tol.min_cosine_p1 is not None:
+            out["cosine_p1"] = cmp.cosine_p1
+        if tol.min_top1 is not None:
+            out["top1_agreement"] = cmp.top1_agreement
+        return out
+
     def would_pass(self) -> dict[str, float]:
         """The tightest settings of each rule that these figures still meet."""
         cmp = self.comparison
@@ -197,7 +227,34 @@ class CheckResult:
     def to_dict(self) -> dict[str, Any]:
         return {"subject": self.subject, **self.comparison.to_dict(),
                 "tolerance": self.tolerance.describe(), "passed": self.passed,
-                "failures": list(self.failures), "would_pass": self.would_pass()}
+                "failures": list(self.failures), "would_pass": self.would_pass(),
+                "needed": {k: round_sig(v) for k, v in self.needed().items()},
+                "judged_on": {k: round_sig(v) for k, v in self.judged_on().items()}}
+
+
+@dataclass(frozen=True)
+class ToleranceOverrides:
+    """Overrides applied on top of each precision's tolerance (``precisions``: only to
+    those; None: to all). The pipeline's INT8 gate options reach INT8 models only."""
+
+    atol: float | None = None
+    rtol: float | None = None
+    min_cosine: float | None = None
+    min_top1: float | None = None
+    precisions: tuple[str, ...] | None = None
+
+    def apply(self, base: Tolerance, precision: str | None = None) -> Tolerance:
+        if self.precisions is not None and precision not in self.precisions:
+            return base
+        return base.override(atol=self.atol, rtol=self.rtol, min_cosine=self.min_cosine,
+                             min_top1=self.min_top1)
+
+    def for_precision(self, precision: str) -> Tolerance:
+        """The tolerance ``precision`` is judged by, these overrides applied."""
+        return self.apply(TOLERANCES[precision], precision)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 # INT8 is judged on figures that do not drift with the number of images: top-1 agreement

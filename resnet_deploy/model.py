@@ -105,10 +105,12 @@ def load_model(weights: str = IMAGENET, *, num_classes: int | None = None,
                seed: int = 0, find_labels: bool = True) -> tuple[nn.Module, LoadedWeights]:
     """Build ResNet-18 in eval mode from ``imagenet``, ``random`` or a checkpoint path.
 
-    A checkpoint's class names come from beside it (:func:`labels_beside`) unless
+    A checkpoint's class names come from beside it (:func:`card.labels_beside`) unless
     ``find_labels`` is false (the caller has its own).
     """
     import torch
+
+    from .card import NO_LABELS, Labels, labels_beside
 
     if weights == RANDOM:
         n = num_classes or IMAGENET1K_V1.num_classes
@@ -116,16 +118,7 @@ def load_model(weights: str = IMAGENET, *, num_classes: int | None = None,
             torch.manual_seed(seed)
             model = resnet18(num_classes=n)
         return model.eval(), LoadedWeights(RANDOM, None, n, None, seed)
-    labels: list[str] | None
-    labels_source: str | None
-    if weights == IMAGENET:
-        path = imagenet_checkpoint()
-        info_source, labels = IMAGENET, imagenet_labels()
-        labels_source = "the ImageNet weights (torchvision's class list)"
-    else:
-        path = Path(weights)
-        info_source = str(path.resolve())
-        labels, labels_source = labels_beside(path) if find_labels else (None, None)
+    path = imagenet_checkpoint() if weights == IMAGENET else Path(weights)
     state = read_state_dict(path)
     inferred = infer_num_classes(state, path)
     if weights == IMAGENET and inferred != IMAGENET1K_V1.num_classes:
@@ -138,47 +131,15 @@ def load_model(weights: str = IMAGENET, *, num_classes: int | None = None,
     model = resnet18(num_classes=inferred)
     check_state_dict(model, state, path)
     model.load_state_dict(state, strict=True)
-    if labels is not None and len(labels) != inferred:
-        raise UserError(f"{labels_source}: lists {len(labels)} classes but {path} has "
-                        f"{inferred}; fix the list or pass --labels FILE")
-    return model.eval(), LoadedWeights(info_source, file_sha256(path), inferred, labels,
-                                       labels_source=labels_source)
-
-
-MODEL_CARD, LABELS_FILE = "model.json", "labels.txt"
-
-
-def labels_beside(checkpoint: Path) -> tuple[list[str] | None, str | None]:
-    """Class names kept next to a checkpoint, and where they came from: the ``classes`` of
-    a ``model.json`` (unless its ``file`` names another checkpoint), else ``labels.txt``."""
-    import json
-
-    card = checkpoint.parent / MODEL_CARD
-    if card.is_file():
-        try:
-            data = json.loads(card.read_text("utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError) as exc:
-            raise UserError(f"{card}: not readable JSON ({exc}); fix it, or pass --labels "
-                            "FILE to give the class names") from None
-        data = data if isinstance(data, dict) else {}
-        classes = data.get("classes")
-        if classes is not None and data.get("file") in (None, checkpoint.name):
-            if not (isinstance(classes, list) and classes
-                    and all(isinstance(c, str) for c in classes)):
-                raise UserError(f'{card}: "classes" must be a list of class names; fix it, '
-                                "or pass --labels FILE")
-            return list(classes), f'{card} ("classes")'
-    text = checkpoint.parent / LABELS_FILE
-    if text.is_file():
-        try:
-            labels = [line.strip() for line in text.read_text("utf-8").splitlines()
-                      if line.strip()]
-        except (OSError, UnicodeDecodeError) as exc:
-            raise UserError(f"{text}: cannot read it ({exc}); fix it or pass --labels FILE") \
-                from None
-        if labels:
-            return labels, str(text)
-    return None, None
+    if weights == IMAGENET:
+        source = IMAGENET
+        labels = Labels(tuple(imagenet_labels()), "the ImageNet weights (torchvision's class list)")
+    else:
+        source = str(path.resolve())
+        labels = labels_beside(path, inferred) if find_labels else NO_LABELS
+    return model.eval(), LoadedWeights(source, file_sha256(path), inferred,
+                                       list(labels.names) if labels.names else None,
+                                       labels_source=labels.source if labels.names else None)
 
 
 def imagenet_checkpoint() -> Path:
@@ -223,12 +184,15 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             obj: Any = load_file(str(path))
         except Exception as exc:
             raise UserError(f"{path}: not a readable safetensors file ({exc})") from None
+    elif path.suffix.lower() == ".onnx":
+        raise _already_onnx(path)
     else:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise UserError(f"{path}: not a loadable PyTorch checkpoint ({first[:160]}); "
+            if _is_onnx(path):
+                raise _already_onnx(path) from None
+            raise UserError(f"{path}: not a loadable PyTorch checkpoint ({_first_line(exc)}); "
                             "only plain tensors are accepted (weights_only=True), so "
                             "re-save it with torch.save(model.state_dict(), path)") from None
     for key in ("state_dict", "model"):
@@ -246,12 +210,45 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _already_onnx(path: Path) -> UserError:
+    return UserError(f"{path}: is already an ONNX model, not a PyTorch checkpoint; give it to "
+                     "the commands that read models (quantize, parity, evaluate, bench, "
+                     "package --model PATH), or export from the .pth/.pt it came from")
+
+
+def _is_onnx(path: Path) -> bool:
+    """An ONNX file under another suffix: a protobuf whose graph has nodes. A zip (torch's
+    format) or pickle fails to parse as one at once."""
+    if path.stat().st_size > 1 << 31:
+        return False
+    try:
+        import onnx
+
+        return len(onnx.load(str(path), load_external_data=False).graph.node) > 0
+    except Exception:
+        return False
+
+
+def _first_line(exc: BaseException, limit: int = 160) -> str:
+    """The first line of an exception's text, cut at a word boundary (never mid-word)."""
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    if len(first) <= limit:
+        return first
+    return first[:limit].rsplit(" ", 1)[0].rstrip(" ,;:") + " ..."
+
+
 def infer_num_classes(state: dict[str, Any], path: Path) -> int:
     fc = state.get("fc.weight")
     if fc is None or fc.ndim != 2:
         raise UserError(f"{path}: has no 2-D 'fc.weight', so it is not a ResNet-18 "
                         f"state_dict (first keys: {', '.join(list(state)[:4])})")
     return int(fc.shape[0])
+
+
+def checkpoint_classes(path: Path) -> int:
+    """How many classes a checkpoint's fc has (reads the file)."""
+    return infer_num_classes(read_state_dict(path), path)
 
 
 def check_state_dict(model: nn.Module, state: dict[str, Any], path: Path) -> None:

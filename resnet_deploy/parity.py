@@ -21,26 +21,12 @@ import numpy as np
 from .calibration import warn_skipped
 from .errors import CheckFailed, ProviderUnavailable, UserError
 from .files import atomic_output
-from .metrics import TOLERANCES, CheckResult, Comparison, Tolerance
+from .metrics import CheckResult, Comparison, ToleranceOverrides
 from .preprocess import PreprocessSpec, list_images, load_batch, seeded_subset
 from .runtime import (Backend, ModelFile, OrtBackend, TorchBackend, provider_name, short_provider,
                       torch_devices)
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ToleranceOverrides:
-    """CLI overrides applied on top of each backend's precision-based tolerance."""
-
-    atol: float | None = None
-    rtol: float | None = None
-    min_cosine: float | None = None
-    min_top1: float | None = None
-
-    def apply(self, base: Tolerance) -> Tolerance:
-        return base.override(atol=self.atol, rtol=self.rtol, min_cosine=self.min_cosine,
-                             min_top1=self.min_top1)
 
 
 @dataclass(frozen=True)
@@ -249,10 +235,6 @@ def load_outputs(path: Path) -> Golden:
     return Golden(Path(path), f"{reference} (golden outputs from {path})", logits, hashes)
 
 
-def _tolerance(precision: str, overrides: ToleranceOverrides) -> Tolerance:
-    return overrides.apply(TOLERANCES[precision])
-
-
 # From strictest to loosest: a pair is judged by the looser of its two precisions, so an
 # FP32 model compared with an INT8 reference gets INT8's tolerance, as the other way round.
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -265,7 +247,7 @@ def _judge(row: BackendResult, reference: np.ndarray, outputs: np.ndarray,
                         f"has {reference.shape}; the weights and the model disagree on classes")
     precision = max(row.precision, reference_precision, key=PRECISIONS.index)
     check = CheckResult.judge(f"{row.backend} vs the reference", reference, outputs,
-                              _tolerance(precision, overrides))
+                              overrides.for_precision(precision))
     return dataclasses.replace(row, check=check)
 
 

@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from typing import Any
 from .choices import Exporter, Method, Target, TrtPrecision
 from .errors import CheckFailed, UserError
 from .machine import describe, machine_info, package_versions
+from .metrics import ToleranceOverrides
 from .model import file_sha256
 from .package import TritonOptions
 from .preprocess import PreprocessSpec, list_images
@@ -34,7 +36,8 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 FORMAT = "resnet-deploy-manifest/1"
-FP32, INT8, FP16 = "resnet18.onnx", "resnet18.int8.onnx", "resnet18.fp16.onnx"
+DEFAULT_NAME = "resnet18"
+PRODUCERS = {"fp32": "export", "int8": "quantize", "fp16": "fp16"}
 REPOSITORY = "model_repository"
 GPU_PROVIDERS = ("cuda", "tensorrt")
 BUILT, UP_TO_DATE, FAILED = "built", "up to date", "failed"
@@ -50,7 +53,10 @@ class PipelineOptions:
     weights: str = "imagenet"
     num_classes: int | None = None
     spec: PreprocessSpec = PreprocessSpec.create(224)
+    spec_sources: dict[str, str] = field(default_factory=dict)  # see card.Preprocessing
     labels: tuple[str, ...] | None = None
+    labels_source: str | None = None  # where ``labels`` came from, in words
+    name: str | None = None  # the artifacts' (and Triton models') name; None: from weights
     calibration: Path = Path("calibration")
     eval_images: Path | None = None
     providers: tuple[str, ...] = ("cpu",)
@@ -66,10 +72,25 @@ class PipelineOptions:
     triton: TritonOptions | None = None
     force: bool = False
     seed: int = 0
+    gate: ToleranceOverrides = ToleranceOverrides(precisions=("int8",))  # INT8 floors
 
     @property
     def gpu(self) -> bool:
         return any(p in GPU_PROVIDERS for p in self.providers)
+
+    @property
+    def model_name(self) -> str:
+        """``ft.pth`` -> ``ft``: what the artifacts and Triton models are called."""
+        if self.name:
+            return self.name
+        if self.weights in ("random", "imagenet"):
+            return DEFAULT_NAME
+        return re.sub(r"[^A-Za-z0-9_-]+", "_", Path(self.weights).stem).strip("_") \
+            or DEFAULT_NAME
+
+    def file(self, precision: str) -> str:
+        """The model file of each precision: ``ft.onnx``, ``ft.int8.onnx``, ``ft.fp16.onnx``."""
+        return f"{self.model_name}{'' if precision == 'fp32' else '.' + precision}.onnx"
 
 
 @dataclass
@@ -183,9 +204,15 @@ class Run:
         self.hashes = Hashes()
         self._torch: Any = None
 
+    def model_path(self, precision: str) -> Path:
+        return self.out / self.options.file(precision)
+
+    def precisions(self) -> list[str]:
+        """The models this run makes: FP32 and INT8, and FP16 for a GPU provider."""
+        return ["fp32", "int8"] + (["fp16"] if self.options.gpu else [])
+
     def model_paths(self) -> list[Path]:
-        names = [FP32, INT8] + ([FP16] if self.options.gpu else [])
-        return [self.out / name for name in names]
+        return [self.model_path(p) for p in self.precisions()]
 
     def artifact(self, name: str, step: str) -> dict[str, Any]:
         path = self.out / name
@@ -193,9 +220,11 @@ class Run:
             raise UserError(f"{path}: missing although step {step} finished; rerun with --force")
         return {"kind": "artifact", "path": name, "step": step, "sha256": self.hashes.file(path)}
 
+    def model_input(self, precision: str) -> dict[str, Any]:
+        return self.artifact(self.options.file(precision), PRODUCERS[precision])
+
     def models_input(self) -> dict[str, Any]:
-        producers = {FP32: "export", INT8: "quantize", FP16: "fp16"}
-        return {p.name: self.artifact(p.name, producers[p.name]) for p in self.model_paths()}
+        return {self.options.file(p): self.model_input(p) for p in self.precisions()}
 
     def weights_input(self) -> dict[str, Any]:
         weights = self.options.weights
@@ -226,28 +255,36 @@ def _export(run: Run) -> Outcome:
     model, loaded = run.torch_model()
     # Seeded random inputs for export's own check: the FP32 model then depends on the
     # checkpoint and options only, and the parity step compares every model on photos.
-    result = export(model, loaded, o.spec, run.out / FP32,
-                    labels=list(o.labels) if o.labels else None,
+    result = export(model, loaded, o.spec, run.model_path("fp32"),
+                    labels=list(o.labels) if o.labels else None, labels_source=o.labels_source,
+                    preprocess_sources=o.spec_sources,
                     options=ExportOptions(exporter=o.exporter, dynamic_batch=o.dynamic_batch,
                                           parity_images=None, seed=o.seed))
-    return Outcome((run.out / FP32,), {"parity_passed": result.parity["passed"],
-                                       "max_abs_diff": result.parity["max_abs_diff"],
-                                       "nodes": result.nodes_after, "weights": result.weights})
+    checkpoint = Path(loaded.source).name if loaded.source not in ("random", "imagenet") \
+        else loaded.source
+    return Outcome((run.model_path("fp32"),), {
+        "parity_passed": result.parity["passed"],
+        "max_abs_diff": result.parity["max_abs_diff"], "nodes": result.nodes_after,
+        "weights": result.weights, "checkpoint": checkpoint, "sha256": loaded.sha256,
+        "untrained": loaded.is_random, "preprocess": result.preprocess,
+        "preprocess_sources": result.preprocess_sources, "labels": result.labels_source})
 
 
 def _quantize(run: Run) -> Outcome:
     from .quantize import QuantizeOptions, quantize
 
     o = run.options
+    # The gate checks on --eval-images when given; otherwise quantize holds photos back.
     options = QuantizeOptions(method=o.method, num_samples=o.num_samples, target=o.target,
-                              seed=o.seed)
+                              seed=o.seed, eval_images=o.eval_images, tolerances=o.gate)
     try:
-        result = quantize(run.out / FP32, o.calibration, run.out / INT8, options=options)
+        result = quantize(run.model_path("fp32"), o.calibration, run.model_path("int8"),
+                          options=options)
     except CheckFailed as exc:
         if exc.report is not None:
             exc.report = _quantize_results(exc.report)
         raise
-    return Outcome((run.out / INT8,), _quantize_results(result))
+    return Outcome((run.model_path("int8"),), _quantize_results(result))
 
 
 def _quantize_results(result: Any) -> dict[str, Any]:
@@ -257,16 +294,18 @@ def _quantize_results(result: Any) -> dict[str, Any]:
             "check_passed": None if check is None else check.passed,
             "top1_agreement": None if check is None else check.comparison.top1_agreement,
             "cosine_p1": None if check is None else check.comparison.cosine_p1,
-            "size_ratio": round(result.size_ratio, 4)}
+            "needed": {} if check is None or check else check.needed(),
+            "tolerance": None if check is None else check.tolerance.describe(),
+            "notes": list(result.notes), "size_ratio": round(result.size_ratio, 4)}
 
 
 def _fp16(run: Run) -> Outcome:
     from .fp16 import Fp16Options, convert_fp16
 
-    result = convert_fp16(run.out / FP32, run.out / FP16,
+    result = convert_fp16(run.model_path("fp32"), run.model_path("fp16"),
                           options=Fp16Options(check_images=None, seed=run.options.seed))
-    return Outcome((run.out / FP16,), {"check_passed": result.check.passed,
-                                       "cosine_min": result.check.comparison.cosine_min})
+    return Outcome((run.model_path("fp16"),), {
+        "check_passed": result.check.passed, "cosine_min": result.check.comparison.cosine_min})
 
 
 def _parity(run: Run) -> Outcome:
@@ -278,12 +317,14 @@ def _parity(run: Run) -> Outcome:
     inputs = make_inputs(model_spec(files, None), images=run.images(), random_count=None,
                          limit=o.parity_limit, seed=o.seed)
     report, _ = run_parity(files, inputs=inputs, weights_model=run.torch_model()[0],
-                           options=ParityOptions(providers=o.providers))
+                           options=ParityOptions(providers=o.providers, tolerances=o.gate))
     path = run.out / "parity.json"
     write_json(path, {"machine": machine_info(), **report.to_dict()})
     results = {"passed": report.passed, "inputs": report.inputs["description"],
                "backends": [{"backend": f"{Path(r.model).name}@{r.provider}" if r.model
                              else r.backend, "precision": r.precision, "passed": r.passed,
+                             "tolerance": r.tolerance,
+                             "judged_on": r.check.judged_on() if r.check else {},
                              "cosine_min": r.comparison.cosine_min if r.comparison else None,
                              "top1_agreement": (r.comparison.top1_agreement
                                                 if r.comparison else None)}
@@ -304,26 +345,27 @@ def _evaluate(run: Run) -> Outcome:
                       options=EvaluateOptions(seed=run.options.seed))
     path = run.out / "evaluate.json"
     write_json(path, {"machine": machine_info(), **result.to_dict()})
-    return Outcome((path,), {"images": result.models[0].n, "models": [
-        {"model": Path(m.model).name, "precision": m.precision, "top1": round(m.top1, 6),
-         "top5": round(m.top5, 6)} for m in result.models]})
+    return Outcome((path,), {"images": result.models[0].n, "classes": result.classes,
+                             "models": [{**m.to_dict(), "model": Path(m.model).name}
+                                        for m in result.models]})
 
 
 def _bench(run: Run) -> Outcome:
-    from .bench import BenchOptions, run_bench
+    from .bench import BenchOptions, busy_warning, run_bench
 
     o = run.options
-    rows, reports = [], []
+    rows, reports, results = [], [], []  # type: ignore[var-annotated]
     for provider in o.providers:
         report = run_bench(run.model_paths(), BenchOptions(
             provider=provider, batch_sizes=o.bench_batch_sizes, warmup=o.bench_warmup,
             iterations=o.bench_iterations, placement=provider != "cpu", seed=o.seed))
         reports.append(report.to_dict())
+        results += report.results
         rows += [{k: v for k, v in r.to_dict().items() if k in BENCH_KEYS}
                  | {"model": Path(r.model).name} for r in report.results]
     path = run.out / "bench.json"
     write_json(path, {"machine": machine_info(), "runs": reports})
-    return Outcome((path,), {"rows": rows})
+    return Outcome((path,), {"rows": rows, "busy": busy_warning(results)})
 
 
 def _report(run: Run) -> Outcome:
@@ -365,7 +407,8 @@ def triton_plan(run: Run) -> tuple[TritonOptions, dict[Path, TritonOptions]]:
     options = dataclasses.replace(base, device="gpu", tensorrt=tensorrt)
     if tensorrt == "int8":
         return options, {}
-    return options, {run.out / INT8: dataclasses.replace(base, device="cpu", tensorrt=None)}
+    return options, {run.model_path("int8"): dataclasses.replace(base, device="cpu",
+                                                                 tensorrt=None)}
 
 
 def _triton_options(run: Run) -> dict[str, Any]:
@@ -377,6 +420,7 @@ def _triton_options(run: Run) -> dict[str, Any]:
 def _spec_options(o: PipelineOptions) -> dict[str, Any]:
     return {"weights": o.weights if o.weights in ("random", "imagenet") else "file",
             "num_classes": o.num_classes, "spec": o.spec.to_dict(),
+            "sources": o.spec_sources, "labels_source": o.labels_source, "name": o.model_name,
             "labels": _digest(list(o.labels)) if o.labels else None, "exporter": o.exporter,
             "dynamic_batch": o.dynamic_batch, "seed": o.seed}
 
@@ -386,18 +430,23 @@ def steps(options: PipelineOptions) -> list[Step]:
     plan = [
         Step("export", lambda r: {"weights": r.weights_input()},
              lambda r: _spec_options(r.options), _export),
-        Step("quantize", lambda r: {"fp32_model": r.artifact(FP32, "export"),
-                                    "calibration": r.hashes.folder_input(r.options.calibration)},
-             lambda r: {"method": r.options.method, "num_samples": r.options.num_samples,
-                        "target": r.options.target, "seed": r.options.seed}, _quantize),
+        Step("quantize", lambda r: {
+            "fp32_model": r.model_input("fp32"),
+            "calibration": r.hashes.folder_input(r.options.calibration),
+            **({"eval_images": r.hashes.folder_input(r.options.eval_images)}
+               if r.options.eval_images is not None else {})},
+            lambda r: {"method": r.options.method, "num_samples": r.options.num_samples,
+                       "target": r.options.target, "seed": r.options.seed,
+                       "gate": r.options.gate.to_dict()}, _quantize),
     ]
     if options.gpu:
-        plan.append(Step("fp16", lambda r: {"fp32_model": r.artifact(FP32, "export")},
+        plan.append(Step("fp16", lambda r: {"fp32_model": r.model_input("fp32")},
                          lambda r: {"seed": r.options.seed}, _fp16))
     plan.append(Step("parity", lambda r: {"weights": r.weights_input(), **r.models_input(),
                                           "images": r.hashes.folder_input(r.images())},
                      lambda r: {"providers": list(r.options.providers),
-                                "limit": r.options.parity_limit, "seed": r.options.seed},
+                                "limit": r.options.parity_limit, "seed": r.options.seed,
+                                "gate": r.options.gate.to_dict()},
                      _parity))
     eval_images = options.eval_images
     if eval_images is not None:
@@ -408,7 +457,7 @@ def steps(options: PipelineOptions) -> list[Step]:
         "providers": list(r.options.providers), "batch_sizes": list(r.options.bench_batch_sizes),
         "iterations": r.options.bench_iterations, "warmup": r.options.bench_warmup,
         "machine": describe()}, _bench))
-    reported = [s.name for s in plan if s.name != "export"]
+    reported = [s.name for s in plan]
     plan.append(Step("report", lambda r: {n: r.step_input(n) for n in reported},
                      lambda r: {}, _report))
     if options.triton is not None:
@@ -649,8 +698,9 @@ def _input_changed(entry: dict[str, Any], records: dict[str, StepRecord], hashes
 # --- the report ------------------------------------------------------------------------------
 
 def report_markdown(records: dict[str, StepRecord], plot: str | None) -> str:
-    """report.md: artifacts, parity, accuracy and latency, from the step records."""
-    parts = [f"# resnet-deploy pipeline report\n\nMachine: {describe()}\n"]
+    """report.md: provenance and caveats first, then artifacts, INT8, parity, accuracy and
+    latency, from the step records."""
+    parts = ["# resnet-deploy pipeline report\n", *provenance_lines(records, markdown=True)]
     artifacts = [{**o, "sha256": o["sha256"][:16]} for n, r in records.items()
                  if n not in ("report", "triton") for o in r.outputs]
     parts.append("## Artifacts\n\n" + format_markdown(artifacts, [
@@ -659,32 +709,93 @@ def report_markdown(records: dict[str, StepRecord], plot: str | None) -> str:
     quant = records.get("quantize")
     if quant is not None:
         q = quant.results
+        notes = "".join(f"\n\nNote: {note}" for note in q.get("notes", []))
         parts.append(f"## INT8\n\nTarget {q['target']}, {q['method']} calibration on "
-                     f"{q['num_calibration']} photos; check on {q['held_out']} held-out "
-                     f"photos: top-1 agreement {cell(q['top1_agreement'], 'share')}, cosine "
+                     f"{q['num_calibration']} photos; check on {q['held_out']} photos: "
+                     f"top-1 agreement {cell(q['top1_agreement'], 'share')}, cosine "
                      f"p1 {cell(q['cosine_p1'], 'cosine')}; size {q['size_ratio']:.0%} of "
-                     "FP32.\n")
+                     f"FP32.{notes}\n")
     parity = records.get("parity")
     if parity is not None:
         verdicts = {True: "PASS", False: "FAIL", None: "skipped"}
-        rows = [{**b, "verdict": verdicts[b["passed"]]} for b in parity.results["backends"]]
+        rows = [{**b, "verdict": verdicts[b["passed"]], "judged": judged_text(b)}
+                for b in parity.results["backends"]]
         parts.append(f"## Parity against PyTorch ({parity.results['inputs']})\n\n"
-                     + format_markdown(rows, [("backend", "backend"), ("precision", "prec"),
-                                              Column("cosine_min", "worst cosine", "cosine"),
-                                              Column("top1_agreement", "top-1 agree", "share"),
-                                              ("verdict", "verdict")]))
+                     + format_markdown(rows, [
+                         ("backend", "backend"), ("precision", "prec"),
+                         Column("judged", "judged on", means="the figure each verdict rests "
+                                "on: max abs diff (FP32), worst cosine (FP16), 1st-percentile "
+                                "cosine (INT8), and top-1 agreement"),
+                         ("tolerance", "must meet"), ("verdict", "verdict")]))
     evaluation = records.get("evaluate")
     if evaluation is not None:
-        parts.append(f"## Accuracy on {evaluation.results['images']} labelled photos\n\n"
-                     + format_markdown(evaluation.results["models"], [
+        e = evaluation.results
+        chance = [m["model"] for m in e["models"] if m.get("near_chance")]
+        warning = (f"\n**Warning:** top-1 of {', '.join(chance)} is within 2 points of chance "
+                   f"(1/{e['models'][0].get('classes')}): check the preprocessing and labels "
+                   "above.\n" if chance else "")
+        parts.append(f"## Accuracy on {e['images']} labelled photos\n\n"
+                     + format_markdown(e["models"], [
                          ("model", "model"), ("precision", "prec"),
-                         Column("top1", "top-1", "share"), Column("top5", "top-5", "share")]))
+                         Column("top1", "top-1", "share"), Column("top5", "top-5", "share"),
+                         Column("top1_agreement", "agrees with first", "share"),
+                         Column("top1_drop_pt", "top-1 drop", "points")]) + warning)
     bench = records.get("bench")
     if bench is not None:
-        parts.append("## Latency\n\n" + format_markdown(bench.results["rows"], [
-            ("model", "model"), ("provider", "provider"), ("precision", "prec"),
-            Column("batch_size", "batch", "int"), Column("p50_ms", "p50 ms", "ms"),
-            Column("p90_ms", "p90 ms", "ms"), Column("throughput_ips", "img/s", "number")]))
+        busy = bench.results.get("busy")
+        parts.append("## Latency\n\n" + (f"**Warning:** {busy}.\n\n" if busy else "")
+                     + format_markdown(bench.results["rows"], [
+                         ("model", "model"), ("provider", "provider"), ("precision", "prec"),
+                         Column("batch_size", "batch", "int"), Column("p50_ms", "p50 ms", "ms"),
+                         Column("p90_ms", "p90 ms", "ms"),
+                         Column("throughput_ips", "img/s", "number")]))
         if plot:
             parts.append(f"![latency and throughput]({plot})\n")
     return "\n".join(parts)
+
+
+# How each figure a verdict rests on is written, in the order rules are listed.
+_JUDGED = {"max_abs_diff": ("max abs diff", "error"), "cosine_min": ("worst cosine", "cosine"),
+           "cosine_p1": ("cosine p1", "cosine"), "top1_agreement": ("top-1", "share")}
+
+
+def judged_text(backend: dict[str, Any]) -> str:
+    """``cosine p1 0.998600, top-1 99.50%``: the figures a parity verdict rests on."""
+    figures = backend.get("judged_on") or {}
+    return ", ".join(f"{_JUDGED[k][0]} {cell(v, _JUDGED[k][1])}"  # type: ignore[arg-type]
+                     for k, v in figures.items() if k in _JUDGED) or "-"
+
+
+def provenance_lines(records: dict[str, StepRecord], *, markdown: bool = False) -> list[str]:
+    """What every report states before its figures: the date and machine, the checkpoint
+    (name, sha256 prefix), the preprocessing with its sources, the labels' source, and the
+    caveats (random weights, a busy machine)."""
+    from .card import Preprocessing
+    from .preprocess import PreprocessSpec
+
+    export = records.get("export")
+    e = export.results if export is not None else {}
+    lines = [f"Date: {time.strftime('%Y-%m-%d %H:%M %Z')}", f"Machine: {describe()}"]
+    if e:
+        sha = (e.get("sha256") or "")[:12]
+        lines.append(f"Checkpoint: {e.get('checkpoint')} (sha256 {sha})"
+                     if e.get("checkpoint") not in ("random", "imagenet", None)
+                     else f"Weights: {e.get('weights')}")
+        if e.get("preprocess"):
+            spec = PreprocessSpec.from_dict(e["preprocess"])
+            sources = e.get("preprocess_sources") or {}
+            lines.append("Preprocessing: " + (Preprocessing(spec, sources).describe()
+                                              if sources else
+                                              f"{spec.input_size} px crop, resize "
+                                              f"{spec.resize_size}"))
+        lines.append(f"Labels: {e.get('labels', 'unknown')}")
+    caveats = []
+    if e.get("untrained"):
+        caveats.append("RANDOM WEIGHTS: the PyTorch model is untrained; every figure below "
+                       "checks the plumbing only, and its accuracy is meaningless")
+    bench = records.get("bench")
+    if bench is not None and bench.results.get("busy"):
+        caveats.append(f"{bench.results['busy']}: the latency figures are loose")
+    if markdown:
+        return ["  \n".join(lines) + "\n", *(f"> **Warning:** {c}\n" for c in caveats)]
+    return lines + [f"warning: {c}" for c in caveats]

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .choices import QUANT_TYPES, TARGETS
+from .choices import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, QUANT_TYPES, TARGETS
 from .errors import UserError
 
 if TYPE_CHECKING:
@@ -30,10 +30,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 METADATA_KEY = "resnet_deploy"
+OUTPUT_KINDS = ("logits", "features")
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 # Images with more pixels are refused as unreadable before they are decoded: 80 MP (e.g.
 # 10000x8000) is above any camera's default output and decodes to 240 MB of RGB, while a PNG
 # header claiming 60000x60000 (3.6 gigapixels) is a decompression bomb, not a photo. Below
@@ -220,6 +218,8 @@ class ModelMetadata:
     versions: dict[str, str]
     quantization: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # The graph output that is read: {"name": ..., "kind": "logits" | "features"}.
+    output: dict[str, Any] | None = None
 
     def to_json(self) -> str:
         data = dataclasses.asdict(self)
@@ -257,6 +257,10 @@ _FIELDS: dict[str, tuple[bool, Any, str]] = {
     "versions": (True, lambda v: isinstance(v, dict), "an object"),
     "quantization": (False, lambda v: v is None or isinstance(v, dict), "an object or null"),
     "extra": (False, lambda v: isinstance(v, dict), "an object"),
+    "output": (False, lambda v: v is None or (isinstance(v, dict)
+                                               and isinstance(v.get("name"), str)
+                                               and v.get("kind") in OUTPUT_KINDS),
+               'an object with a "name" and a "kind" (logits or features)'),
 }
 _SPEC_FIELDS: dict[str, tuple[Any, str]] = {
     "input_size": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),

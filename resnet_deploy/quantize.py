@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import io
 import logging
+import re
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -31,7 +32,7 @@ from .choices import METHODS, QUANT_TYPES, TARGETS, Method, QuantType, Target
 from .errors import CheckFailed, UserError
 from .files import atomic_output, beside
 from .machine import cpu_info, saturates
-from .metrics import TOLERANCES, CheckResult, compare, round_sig
+from .metrics import CheckResult, ToleranceOverrides, compare, round_sig
 from .model import file_sha256
 from .preprocess import ModelMetadata, PreprocessSpec, list_images, seeded_subset, write_metadata
 from .runtime import ModelFile, OrtBackend, SessionConfig, int8_weight_peak, run_batched
@@ -125,6 +126,7 @@ class QuantizeOptions:
     spec: PreprocessSpec | None = None
     calibrator_options: dict[str, Any] | None = None
     check: bool = True
+    tolerances: ToleranceOverrides = ToleranceOverrides()  # on top of INT8's tolerance
 
     def __post_init__(self) -> None:
         for name, value, choices in (("--method", self.method, METHODS),
@@ -271,15 +273,45 @@ def _op_types() -> list[str]:
     return sorted(set(QDQRegistry) | set(QLinearOpsRegistry))
 
 
-def preprocess_for_quantization(model: Path, output: Path) -> None:
-    """onnxruntime's quant_pre_process: shape inference and graph cleanup before QDQ."""
+# QDQ with per-channel weight scales needs opset 13 (QuantizeLinear's axis attribute).
+MIN_OPSET = 13
+
+
+def _scrubbed(exc: BaseException, workdir: Path | None, shown_as: Path) -> str:
+    """An exception's first line with any internal temp path replaced by the user's file."""
+    text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+    if workdir is not None:
+        text = re.sub(re.escape(str(workdir)) + r"/\S*", str(shown_as), text)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def convert_opset(model: Path, output: Path) -> None:
+    """A model made elsewhere below opset 13, converted with onnx's version converter."""
+    import onnx
+    from onnx import version_converter
+
+    try:
+        converted = version_converter.convert_version(onnx.load(str(model)), MIN_OPSET)
+        onnx.checker.check_model(converted)
+    except Exception as exc:
+        raise UserError(f"{model}: its opset is below {MIN_OPSET}, which INT8 QDQ needs, and "
+                        f"onnx cannot convert it ({_scrubbed(exc, output.parent, model)}); "
+                        f"export it again at opset {MIN_OPSET} or later") from None
+    onnx.save(converted, str(output))
+
+
+def preprocess_for_quantization(model: Path, output: Path, *, shown_as: Path | None = None,
+                                ) -> None:
+    """onnxruntime's quant_pre_process: shape inference and graph cleanup before QDQ.
+    ``shown_as``: the user's file, named in errors in place of a temp copy."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    shown = shown_as or model
     try:
         quant_pre_process(str(model), str(output))
     except Exception as exc:
-        raise UserError(f"{model}: onnxruntime cannot prepare it for quantization "
-                        f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+        raise UserError(f"{shown}: onnxruntime cannot prepare it for quantization "
+                        f"({_scrubbed(exc, output.parent, shown)})") from None
 
 
 def calibrate(model: Path, reader: ImageFolderReader, settings: QuantSettings,
@@ -317,8 +349,10 @@ class _OneFeed:
 
 
 def quantize_with_ranges(model: Path, ranges_cache: Path, output: Path, settings: QuantSettings,
-                         *, exclude: Sequence[str] = (), only: Sequence[str] = ()) -> None:
-    """QDQ-quantize ``model`` with precomputed ranges (no calibration happens here)."""
+                         *, exclude: Sequence[str] = (), only: Sequence[str] = (),
+                         shown_as: Path | None = None) -> None:
+    """QDQ-quantize ``model`` with precomputed ranges (no calibration happens here);
+    ``shown_as`` is the user's file, named in errors in place of the temp copies."""
     from onnxruntime.quantization import QuantFormat, quantize_static
 
     method, activation_type, weight_type = _ort_enums(settings)
@@ -329,13 +363,18 @@ def quantize_with_ranges(model: Path, ranges_cache: Path, output: Path, settings
                              "OpTypesToExcludeOutputQuantization": ["Gemm"]}
     if settings.weight_symmetric is not None:
         extra["WeightSymmetric"] = settings.weight_symmetric
-    with _quiet():
-        quantize_static(str(model), str(output), calibration_data_reader=None,
-                        quant_format=QuantFormat.QDQ, per_channel=settings.per_channel,
-                        reduce_range=settings.reduce_range, activation_type=activation_type,
-                        weight_type=weight_type, nodes_to_exclude=list(exclude),
-                        nodes_to_quantize=list(only), calibrate_method=method,
-                        extra_options=extra, calibration_cache_path=str(ranges_cache))
+    try:
+        with _quiet():
+            quantize_static(str(model), str(output), calibration_data_reader=None,
+                            quant_format=QuantFormat.QDQ, per_channel=settings.per_channel,
+                            reduce_range=settings.reduce_range, activation_type=activation_type,
+                            weight_type=weight_type, nodes_to_exclude=list(exclude),
+                            nodes_to_quantize=list(only), calibrate_method=method,
+                            extra_options=extra, calibration_cache_path=str(ranges_cache))
+    except Exception as exc:
+        shown = shown_as or model
+        raise UserError(f"{shown}: onnxruntime could not quantize it "
+                        f"({_scrubbed(exc, output.parent, shown)})") from None
 
 
 def _bounded(paths: list[Path], spec: PreprocessSpec, seed: int) -> list[Path]:
@@ -352,6 +391,7 @@ class _EvalSet:
     inputs: np.ndarray
     targets: np.ndarray | None
     source: str
+    note: str | None = None  # calibration photos among them, in words
 
 
 def _eval_set(reader: ImageFolderReader, spec: PreprocessSpec, options: QuantizeOptions,
@@ -360,6 +400,7 @@ def _eval_set(reader: ImageFolderReader, spec: PreprocessSpec, options: Quantize
 
     An --eval-images ImageFolder gives top-1 only when its folders map to the model's
     classes; otherwise --max-top1-drop is an error, and a plain check uses the photos alone.
+    Photos that calibration also used (same content) are counted and warned about.
     """
     labelled: LabelledImages | None = None
     labels, classes = (file.meta.labels if file.meta else None), file.io.classes
@@ -384,7 +425,15 @@ def _eval_set(reader: ImageFolderReader, spec: PreprocessSpec, options: Quantize
                                strict=options.strict, progress=options.progress,
                                what="held-out images")
     targets = labelled.targets(used, labels, classes)[0] if labelled is not None else None
-    return _EvalSet(inputs, targets, f"{len(used)} images from {source}")
+    note = None
+    if options.eval_images is not None:
+        seen = {file_sha256(p) for p in reader.used}
+        shared = sum(file_sha256(p) in seen for p in used)
+        if shared:
+            note = (f"{shared} of the {len(used)} evaluation photos are also calibration "
+                    "photos (same content), so the check is partly measured on photos "
+                    "calibration saw")
+    return _EvalSet(inputs, targets, f"{len(used)} images from {source}", note)
 
 
 def _accuracy(logits: np.ndarray, targets: np.ndarray) -> tuple[float, float]:
@@ -392,9 +441,10 @@ def _accuracy(logits: np.ndarray, targets: np.ndarray) -> tuple[float, float]:
 
 
 def _run(model: Path, inputs: np.ndarray, batch_size: int, *,
-         simulate: bool = False) -> np.ndarray:
+         simulate: bool = False, shown_as: Path | None = None) -> np.ndarray:
     config = SessionConfig(simulate_int8=simulate)
-    return run_batched(OrtBackend(model, "cpu", config), inputs, batch_size)
+    label = None if shown_as is None else f"the INT8 model quantized from {shown_as}"
+    return run_batched(OrtBackend(model, "cpu", config, label=label), inputs, batch_size)
 
 
 def sensitivity(pre: Path, cache: Path, settings: QuantSettings, candidates: Sequence[str],
@@ -513,16 +563,132 @@ def simulated_check(settings: QuantSettings, cpu: dict[str, Any] | None = None) 
     return None
 
 
+@dataclass(frozen=True)
+class _Prepared:
+    """The FP32 graph made ready for QDQ: where it is, its nodes and their layer names."""
+
+    path: Path
+    op_types: dict[str, str]
+    names: dict[str, str]
+
+
+def _prepare(model: Path, file: ModelFile, options: QuantizeOptions, workdir: Path,
+             ) -> tuple[_Prepared, tuple[str, ...]]:
+    """Shape inference and cleanup (a model below opset 13 is converted first), the layer
+    names, and --exclude resolved to nodes."""
+    import onnx
+
+    source = model
+    if file.opset < MIN_OPSET:
+        source = workdir / "opset13.onnx"
+        convert_opset(model, source)
+    pre = workdir / "pre.onnx"
+    preprocess_for_quantization(source, pre, shown_as=model)
+    proto = onnx.load(str(pre), load_external_data=False)
+    op_types = {n.name: n.op_type for n in proto.graph.node}
+    names = layers.for_model(proto, file.meta)
+    excluded, unknown = layers.resolve(options.exclude, op_types, names)
+    if unknown:
+        convs = [n for n, t in op_types.items() if t in SENSITIVE_OPS]
+        raise UserError(f"--exclude {unknown[0]}: no such node or PyTorch module in {model}; "
+                        + layers.closest(unknown[0], convs, names, "Conv/Gemm layers"))
+    return _Prepared(pre, op_types, names), tuple(excluded)
+
+
+@dataclass(frozen=True)
+class _Gate:
+    """What the check against FP32 found (all None/empty with --no-check)."""
+
+    check: CheckResult | None = None
+    accuracy: dict[str, Any] | None = None
+    fallback: FallbackOutcome = FallbackOutcome()
+    held_out: int = 0
+    notes: tuple[str, ...] = ()
+
+
+# Below this many held-out photos, one disagreement moves top-1 agreement by over a point.
+FEW_PHOTOS = 100
+
+
+def _check(model: Path, file: ModelFile, prepared: _Prepared, cache: Path, int8: Path,
+           reader: ImageFolderReader, spec: PreprocessSpec, settings: QuantSettings,
+           options: QuantizeOptions) -> _Gate:
+    """FP32 vs INT8 on held-out photos, judged by INT8's tolerance (with the overrides);
+    with labels and --max-top1-drop, the accuracy-aware fallback."""
+    cpu_note = simulated_check(settings)
+    simulate = cpu_note is not None
+    evalset = _eval_set(reader, spec, options, file)
+    notes = [n for n in (cpu_note, evalset.note) if n]
+    held_out = len(evalset.inputs)
+    if held_out < FEW_PHOTOS:
+        notes.append(f"the verdict rests on few photos: {held_out} held out (under "
+                     f"{FEW_PHOTOS}), so one disagreement moves top-1 agreement by "
+                     f"{100 / held_out:.2f} points; check on more photos for a firmer one")
+    reference = _run(model, evalset.inputs, options.batch_size)
+    logits = _run(int8, evalset.inputs, options.batch_size, simulate=simulate, shown_as=model)
+    fallback, accuracy = FallbackOutcome(), None
+    if evalset.targets is not None:
+        fallback = keep_sensitive_in_fp32(prepared.path, cache, int8, settings, options,
+                                          prepared.op_types, evalset.inputs, evalset.targets,
+                                          reference, simulate=simulate)
+        assert fallback.logits is not None  # it measured at least the plain model
+        logits = fallback.logits
+        accuracy = fallback.accuracy(reference, evalset.targets, options.max_top1_drop)
+    check = CheckResult.judge(f"FP32 vs INT8 on {evalset.source}", reference, logits,
+                              options.tolerances.for_precision("int8"))
+    return _Gate(check, accuracy, fallback, held_out, tuple(notes))
+
+
+def _quantization_record(model: Path, reader: ImageFolderReader, settings: QuantSettings,
+                         options: QuantizeOptions, gate: _Gate, peak: int | None,
+                         ) -> dict[str, Any]:
+    """What the INT8 model's metadata says of how it was made and checked."""
+    import onnxruntime
+
+    check = gate.check
+    return {
+        **settings.to_dict(), "format": "QDQ", "num_samples": len(reader.used),
+        "calibration_sha256": reader.file_list_sha256(),
+        "fp32_sha256": file_sha256(model), "fp32_model": model.name,
+        "excluded": list(options.exclude), "fallback": list(gate.fallback.nodes),
+        "int8_weight_peak": peak, "onnxruntime": onnxruntime.__version__,
+        "check": (None if check is None else
+                  {"passed": check.passed, "n": check.comparison.n,
+                   "top1_agreement": round_sig(check.comparison.top1_agreement),
+                   "cosine_p1": round_sig(check.comparison.cosine_p1),
+                   "int8_path": cpu_info()["int8_path"]}),
+    }
+
+
+def _refuse_if_failed(result: QuantizeResult, options: QuantizeOptions) -> None:
+    """CheckFailed (exit 1, nothing written) for a missed accuracy target or check."""
+    check, output = result.check, result.output
+    if result.target_met is False:
+        raise CheckFailed(
+            f"INT8 top-1 drops {result.steps[-1].drop_pt:.2f} pt (> --max-top1-drop "
+            f"{options.max_top1_drop:g}) with {len(result.fallback_nodes)} node(s) kept in "
+            f"FP32 (--max-fallback {options.max_fallback}); {output} was not written",
+            report=result)
+    if check is not None and not check:
+        n = check.comparison.n
+        raise CheckFailed(
+            f"INT8 check on {n} held-out images: {check.reason} ({check.tolerance.describe()}); "
+            f"{output} was not written"
+            + (f"; the verdict rests on few photos (under {FEW_PHOTOS})" if n < FEW_PHOTOS
+               else ""), report=result)
+
+
 def quantize(model: str | Path, calibration: str | Path, output: str | Path | None = None, *,
              options: QuantizeOptions = QuantizeOptions()) -> QuantizeResult:
     """Quantize ``model`` to a QDQ INT8 file and check it against FP32 on held-out images.
 
+    Four phases: prepare the graph, calibrate and quantize, check against FP32, publish.
     The output appears only when everything passed. A check that misses the INT8 tolerances
-    (``metrics.TOLERANCES["int8"]``) or a missed --max-top1-drop target raises CheckFailed
-    (exit 1) carrying the full report, and writes nothing.
+    (``metrics.TOLERANCES["int8"]``, with ``options.tolerances``) or a missed
+    --max-top1-drop target raises CheckFailed (exit 1) carrying the full report, and writes
+    nothing.
     """
     import onnx
-    import onnxruntime
 
     model = Path(model)
     output = Path(output) if output is not None else default_output(model)
@@ -539,23 +705,13 @@ def quantize(model: str | Path, calibration: str | Path, output: str | Path | No
             atomic_output(output, suffix=".onnx") as out_tmp:
         workdir = Path(tmp)
         start = time.perf_counter()
-        pre = workdir / "pre.onnx"
-        preprocess_for_quantization(model, pre)
-        pre_proto = onnx.load(str(pre), load_external_data=False)
-        op_types = {n.name: n.op_type for n in pre_proto.graph.node}
-        names = layers.for_model(pre_proto, file.meta)
-        excluded, unknown = layers.resolve(options.exclude, op_types, names)
-        if unknown:
-            sample = ", ".join(layers.display(n, names)
-                               for n, t in op_types.items() if t in SENSITIVE_OPS)
-            raise UserError(f"--exclude {unknown[0]}: no such node or PyTorch module in "
-                            f"{model} (Conv/Gemm layers: {sample[:400]})")
-        options = dataclasses.replace(options, exclude=tuple(excluded))
+        prepared, excluded = _prepare(model, file, options, workdir)
+        options = dataclasses.replace(options, exclude=excluded)
         reader = ImageFolderReader.for_model(
             model, calibration, num_samples=options.num_samples, seed=options.seed,
             batch_size=options.batch_size, strict=options.strict, progress=options.progress,
             spec=spec, file=file, hold_out=options.check and options.eval_images is None)
-        ranges = calibrate(pre, reader, settings, workdir)
+        ranges = calibrate(prepared.path, reader, settings, workdir)
         seconds["calibrate"] = time.perf_counter() - start
         from onnxruntime.quantization.calibrate import save_tensors_data
 
@@ -563,50 +719,22 @@ def quantize(model: str | Path, calibration: str | Path, output: str | Path | No
         save_tensors_data(ranges, cache)
         start = time.perf_counter()
         int8 = workdir / "int8.onnx"
-        quantize_with_ranges(pre, cache, int8, settings, exclude=options.exclude)
+        quantize_with_ranges(prepared.path, cache, int8, settings, exclude=options.exclude,
+                             shown_as=model)
         seconds["quantize"] = time.perf_counter() - start
-
-        check, accuracy, fallback, held_out = None, None, FallbackOutcome(), 0
-        note = "skipped (--no-check): the INT8 model was not compared with FP32"
-        cpu_note = simulated_check(settings)
+        gate = _Gate()
         if options.check:
             start = time.perf_counter()
-            evalset = _eval_set(reader, spec, options, file)
-            held_out = len(evalset.inputs)
-            reference = _run(model, evalset.inputs, options.batch_size)
-            logits = _run(int8, evalset.inputs, options.batch_size,
-                          simulate=cpu_note is not None)
-            if evalset.targets is not None:
-                fallback = keep_sensitive_in_fp32(pre, cache, int8, settings, options, op_types,
-                                                  evalset.inputs, evalset.targets, reference,
-                                                  simulate=cpu_note is not None)
-                assert fallback.logits is not None  # it measured at least the plain model
-                logits, accuracy = fallback.logits, fallback.accuracy(reference, evalset.targets,
-                                                                      options.max_top1_drop)
-            check = CheckResult.judge(f"FP32 vs INT8 on {evalset.source}", reference, logits,
-                                      TOLERANCES["int8"])
-            note = ""
+            gate = _check(model, file, prepared, cache, int8, reader, spec, settings, options)
             seconds["check"] = time.perf_counter() - start
-        notes = (cpu_note,) if cpu_note and options.check else ()
 
         quantized = onnx.load(str(int8))
-        peak = int8_weight_peak(quantized)
-        quantization = {
-            **settings.to_dict(), "format": "QDQ", "num_samples": len(reader.used),
-            "calibration_sha256": reader.file_list_sha256(),
-            "fp32_sha256": file_sha256(model), "fp32_model": model.name,
-            "excluded": list(options.exclude), "fallback": list(fallback.nodes),
-            "int8_weight_peak": peak, "onnxruntime": onnxruntime.__version__,
-            "check": (None if check is None else
-                      {"passed": check.passed, "n": check.comparison.n,
-                       "top1_agreement": round_sig(check.comparison.top1_agreement),
-                       "cosine_p1": round_sig(check.comparison.cosine_p1),
-                       "int8_path": cpu_info()["int8_path"]}),
-        }
         record = _metadata(file, spec)
         if layers.METADATA_KEY not in record.extra:  # a foreign model: name its nodes now
             record = dataclasses.replace(record, extra={**record.extra,
-                                                        layers.METADATA_KEY: names})
+                                                        layers.METADATA_KEY: prepared.names})
+        quantization = _quantization_record(model, reader, settings, options, gate,
+                                            int8_weight_peak(quantized))
         write_metadata(quantized, dataclasses.replace(record, quantization=quantization))
         onnx.save(quantized, str(out_tmp))
         result = QuantizeResult(
@@ -615,20 +743,13 @@ def quantize(model: str | Path, calibration: str | Path, output: str | Path | No
             calibration_sha256=quantization["calibration_sha256"],
             seconds={k: round(v, 3) for k, v in seconds.items()},
             fp32_bytes=model.stat().st_size, int8_bytes=out_tmp.stat().st_size,
-            check=check, check_note=note, held_out=held_out, notes=notes, accuracy=accuracy,
-            sensitivity=tuple({**row, "module": names.get(row["node"])}
-                              for row in fallback.table),
-            steps=tuple(fallback.steps), fallback_nodes=tuple(fallback.nodes),
-            target_met=fallback.met, layers=names, excluded=tuple(options.exclude))
-        if fallback.met is False:
-            raise CheckFailed(
-                f"INT8 top-1 drops {fallback.steps[-1].drop_pt:.2f} pt (> --max-top1-drop "
-                f"{options.max_top1_drop:g}) with {len(fallback.nodes)} node(s) kept in FP32 "
-                f"(--max-fallback {options.max_fallback}); {output} was not written",
-                report=result)
-        if check is not None and not check:
-            raise CheckFailed(
-                f"INT8 check on {check.comparison.n} held-out images: {check.reason} "
-                f"({TOLERANCES['int8'].describe()}); {output} was not written"
-                + (f"; note: {cpu_note}" if cpu_note else ""), report=result)
+            check=gate.check,
+            check_note="" if options.check else
+            "skipped (--no-check): the INT8 model was not compared with FP32",
+            held_out=gate.held_out, notes=gate.notes, accuracy=gate.accuracy,
+            sensitivity=tuple({**row, "module": prepared.names.get(row["node"])}
+                              for row in gate.fallback.table),
+            steps=tuple(gate.fallback.steps), fallback_nodes=tuple(gate.fallback.nodes),
+            target_met=gate.fallback.met, layers=prepared.names, excluded=options.exclude)
+        _refuse_if_failed(result, options)
     return result

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -146,23 +146,51 @@ def comparison_columns(between: str) -> list[Column]:
 
 def format_checks(title: str, checks: Sequence[CheckResult], between: str, *,
                   lead: Sequence[tuple[Column, Sequence[Any]]] = (), verdict: str = "check",
-                  ) -> str:
+                  flags: Mapping[str, str] | None = None) -> str:
     """A block for one or more CheckResults: the title with the rules, a table (``lead``
-    columns first, one value per check), and the verdict with what would have passed."""
+    columns first, one value per check), and the verdict. On failure it names the loosest
+    settings that would have passed, as ``flags`` (rule -> the option that sets it, only
+    those the command accepts) spells them: a hint that, pasted back, passes."""
     rows = [{**{col.key: values[i] for col, values in lead}, **c.comparison.to_dict()}
             for i, c in enumerate(checks)]
     table = format_table(rows, [col for col, _ in lead] + comparison_columns(between))
     failed = [c for c in checks if not c]
     lines = [f"{title} ({checks[0].tolerance.describe()}):", table]
     if failed:
-        need = failed[0].would_pass()
-        lines.append(f"{verdict}: FAIL ({'; '.join(c.reason for c in failed)}); it would pass "
-                     f"with --atol {significant(need['atol'])} --min-cosine "
-                     f"{cosine(min(need['min_cosine'], need['min_cosine_p1']))} --min-top1 "
-                     f"{need['min_top1']:.4f}")
+        hint = pass_hint(needed_by_all(failed), flags or {})
+        lines.append(f"{verdict}: FAIL ({'; '.join(c.reason for c in failed)})"
+                     + (f"; it would pass with {hint}" if hint else ""))
     else:
         lines.append(f"{verdict}: PASS")
     return "\n".join(lines)
+
+
+def pass_hint(needed: Mapping[str, float], flags: Mapping[str, str]) -> str:
+    """``--min-cosine 0.998763 --min-top1 0.9545``: each failing rule that has a flag, at
+    its loosest passing value (:meth:`CheckResult.needed`), rounded towards passing (floors
+    down, the absolute tolerance up) so that the printed value itself passes."""
+    return " ".join(f"{flags[rule]} {_towards_passing(rule, value)}"
+                    for rule, value in needed.items() if rule in flags)
+
+
+def needed_by_all(failed: Sequence[CheckResult]) -> dict[str, float]:
+    """The settings that pass every one of ``failed``: the loosest of each rule."""
+    needed: dict[str, float] = {}
+    for check in failed:
+        for rule, value in check.needed().items():
+            loosest = max if rule == "atol" else min
+            needed[rule] = loosest(needed.get(rule, value), value)
+    return needed
+
+
+def _towards_passing(rule: str, value: float) -> str:
+    if rule == "atol":
+        if value <= 0:
+            return "0"
+        step = 10.0 ** (math.floor(math.log10(value)) - SIGNIFICANT + 1)
+        return significant(math.ceil(value / step) * step)
+    decimals = 6 if rule == "min_cosine" else 4
+    return f"{math.floor(value * 10 ** decimals) / 10 ** decimals:.{decimals}f}"
 
 
 def format_markdown(rows: Sequence[dict[str, Any]],
@@ -171,7 +199,8 @@ def format_markdown(rows: Sequence[dict[str, Any]],
     cols = _columns(columns)
     head = "| " + " | ".join(c.header for c in cols) + " |"
     rule = "|" + "|".join("---" for _ in cols) + "|"
-    body = ["| " + " | ".join(cell(row.get(c.key), c.kind) for c in cols) + " |" for row in rows]
+    body = ["| " + " | ".join(cell(row.get(c.key), c.kind).replace("|", "\\|") for c in cols)
+            + " |" for row in rows]
     note = footer(cols)
     return "\n".join([head, rule, *body]) + "\n" + (f"\n{note}\n" if note else "")
 

@@ -108,13 +108,17 @@ def _provider_chain(full: str, cfg: SessionConfig) -> list[Any]:
 
 
 def create_session(model: str | Path, provider: str = "cpu",
-                   config: SessionConfig = SessionConfig()) -> ort.InferenceSession:
-    """An InferenceSession that really runs on ``provider``, or a ProviderUnavailable error."""
+                   config: SessionConfig = SessionConfig(), *,
+                   label: str | None = None) -> ort.InferenceSession:
+    """An InferenceSession that really runs on ``provider``, or a ProviderUnavailable error.
+
+    ``label`` names the model in errors when ``model`` is an internal temporary copy."""
     import onnxruntime as ort
 
     full = require_provider(provider)
+    shown = label or model
     if not Path(model).is_file():
-        raise UserError(f"{model}: no such model file; run 'resnet-deploy export' first")
+        raise UserError(f"{shown}: no such model file; run 'resnet-deploy export' first")
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     if config.threads:
@@ -133,11 +137,12 @@ def create_session(model: str | Path, provider: str = "cpu",
     try:
         session = ort.InferenceSession(source, opts, providers=_provider_chain(full, config))
     except Exception as exc:
-        raise UserError(f"{model}: ONNX Runtime cannot load it on {short_provider(full)} "
-                        f"({str(exc).strip().splitlines()[0][:200]})") from None
+        reason = str(exc).strip().splitlines()[0][:200].replace(str(model), str(shown))
+        raise UserError(f"{shown}: ONNX Runtime cannot load it on {short_provider(full)} "
+                        f"({reason})") from None
     if full not in session.get_providers():
         raise ProviderUnavailable(
-            f"onnxruntime dropped {full} while creating the session for {model} and would "
+            f"onnxruntime dropped {full} while creating the session for {shown} and would "
             f"have run on {', '.join(session.get_providers())}; its CUDA/cuDNN libraries "
             f"probably failed to load; to fix: {GPU_INSTALL_HINT}")
     return session
@@ -328,8 +333,8 @@ class Backend(ABC):
 
 class OrtBackend(Backend):
     def __init__(self, model: str | Path, provider: str = "cpu",
-                 config: SessionConfig = SessionConfig()) -> None:
-        self.session = create_session(model, provider, config)
+                 config: SessionConfig = SessionConfig(), *, label: str | None = None) -> None:
+        self.session = create_session(model, provider, config, label=label)
         self.model = str(model)
         self.provider = short_provider(provider_name(provider))
         self.name = f"{Path(model).name}@{self.provider}"

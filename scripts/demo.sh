@@ -11,22 +11,35 @@ A=artifacts
 # The five shipped photos that show an ImageNet class (calibration/LABELS.md), as an
 # ImageFolder whose folder names are the class names.
 bash scripts/labelled_photos.sh $A/labelled
+# The other twelve calibrate, so that quantize's check runs on photos calibration never saw.
+labelled="$(find $A/labelled -type f -printf '%f\n')"
+mkdir -p $A/calibration
+for photo in calibration/*; do
+  name="$(basename "$photo")"
+  case "$name" in *.md) continue ;; esac
+  grep -qxF "$name" <<<"$labelled" || cp -p "$photo" $A/calibration/
+done
 
-# 12 photos calibrate; quantize's check runs on the 5 it did not see.
-pipeline() {
-  resnet-deploy pipeline --calibration calibration --num-samples 12 \
-    --eval-images $A/labelled --bench-batch-size 1,8 --triton -o $A "$@"
-}
-
-weights=imagenet
-status=0
-pipeline --weights imagenet || status=$?
-if [ "$status" -eq 2 ]; then  # bad input: here, the weights cannot be had offline
-  weights=random
+# The ImageNet weights: from the torch hub cache, else downloaded (hash checked). Asked
+# for before the pipeline runs, so that an offline machine takes the random path at once
+# and a rerun finds every step up to date.
+if python - <<'PY'
+import sys
+from resnet_deploy.errors import UserError
+from resnet_deploy.model import imagenet_checkpoint
+try:
+    imagenet_checkpoint()
+except UserError:
+    sys.exit(3)
+PY
+then
+  weights=(--weights imagenet)
+else
+  weights=(--weights random --labels resnet_deploy/imagenet_classes.txt)
   cat >&2 <<'BANNER'
+offline: using random weights (the ImageNet weights cannot be downloaded here)
 
 ########################################################################
-#  ImageNet weights are not available (offline?). Continuing with a    #
 #  RANDOM-INIT ResNet-18: every figure below checks the plumbing only. #
 #  Its accuracy on the labelled photos is MEANINGLESS (chance level).  #
 #  Put resnet18-f37072fd.pth in the torch hub cache                    #
@@ -34,18 +47,19 @@ if [ "$status" -eq 2 ]; then  # bad input: here, the weights cannot be had offli
 ########################################################################
 
 BANNER
-  # ImageNet's class names, so the labelled folders map to the same outputs as they
-  # would with the real weights.
-  pipeline --weights random --labels resnet_deploy/imagenet_classes.txt
-elif [ "$status" -ne 0 ]; then
-  exit "$status"
 fi
+
+# Random weights keep ImageNet's class names, so the labelled folders map to the same
+# outputs as the real weights' would.
+resnet-deploy pipeline "${weights[@]}" --calibration $A/calibration --num-samples 12 \
+  --eval-images $A/labelled --bench-batch-size 1,8 --triton -o $A
 
 echo
 resnet-deploy verify $A/manifest.json
 echo
-echo "demo finished (weights: $weights). Report: $A/report.md (tables and $A/bench.png);"
+echo "demo finished (${weights[*]}). Report: $A/report.md (tables and $A/bench.png);"
 echo "Triton repository: $A/model_repository/; the labelled photos: $A/labelled/."
-if [ "$weights" = random ]; then
+if [ "${weights[1]}" = random ]; then
   echo "RANDOM WEIGHTS: the accuracy figures above are meaningless; they show the flow runs."
 fi
+echo "To run resnet-deploy yourself, put it on PATH: source .venv/bin/activate"

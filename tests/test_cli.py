@@ -12,7 +12,7 @@ from resnet_deploy.cli import main
 
 PACKAGE = Path(__file__).resolve().parents[1] / "resnet_deploy"
 # Each module may import only modules earlier in this list (data flows one way).
-FLOW = ["choices", "errors", "machine", "files", "resnet", "model", "preprocess", "layers",
+FLOW = ["choices", "errors", "machine", "files", "resnet", "preprocess", "card", "model", "layers",
         "runtime", "metrics", "report", "export", "fp16", "calibration", "quantize", "parity",
         "evaluate", "bench", "package", "pipeline", "cli"]
 

@@ -132,13 +132,16 @@ def test_labels_txt_beside_checkpoint_travel(tmp_path: Path) -> None:
     assert f"labels: 3 class names from {ckpt.parent / 'labels.txt'}" in result.output
 
 
-def test_labels_option_wins_and_bad_lists_are_errors(tmp_path: Path) -> None:
+def test_labels_option_wins_and_labels_beside_that_do_not_fit_are_ignored(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     card = json.dumps({"file": "ft.pth", "classes": ["a", "b"]})
     ckpt = _checkpoint_with(tmp_path / "ck", 3, model_json=card)
     out = tmp_path / "m.onnx"
-    result = run("export", "--weights", ckpt, "--input-size", "32", "-o", out)
-    assert result.exit_code == 2 and "model.json" in result.output
-    assert "lists 2 classes" in result.output and not out.exists()
+    result = run("export", "--weights", ckpt, "--input-size", "32", "--exporter",
+                 "torchscript", "-o", out)
+    assert result.exit_code == 0, result.output  # nobody asked for them: a warning, no labels
+    assert "lists 2 classes" in caplog.text and "ignoring them" in caplog.text
+    assert read_metadata(out).labels is None
     labels = tmp_path / "names.txt"
     labels.write_text("x\ny\nz\n")
     result = run("export", "--weights", ckpt, "--input-size", "32", "--labels", labels,
@@ -146,11 +149,16 @@ def test_labels_option_wins_and_bad_lists_are_errors(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output  # --labels wins: the card is not read
     assert read_metadata(out).labels == ["x", "y", "z"]
     assert f"labels: 3 class names from {labels} (--labels)" in result.output
-    (ckpt.parent / "model.json").write_text(json.dumps({"file": "other.pth", "classes": []}))
+    (ckpt.parent / "model.json").write_text(json.dumps({"file": "other.pth",
+                                                        "classes": ["p", "q", "r"]}))
     result = run("export", "--weights", ckpt, "--input-size", "32", "--exporter",
                  "torchscript", "-o", out)
-    assert result.exit_code == 0, result.output  # a card for another checkpoint is ignored
-    assert read_metadata(out).labels is None
+    assert result.exit_code == 0, result.output  # a renamed checkpoint keeps its card
+    assert read_metadata(out).labels == ["p", "q", "r"]
+    assert 'its "file" names other.pth' in caplog.text
+    (ckpt.parent / "model.json").write_text(json.dumps({"classes": []}))
+    result = run("export", "--weights", ckpt, "--input-size", "32", "-o", out)
+    assert result.exit_code == 2 and '"classes" must be a list' in result.output
 
 
 def test_label_count_mismatch(tmp_path: Path) -> None:

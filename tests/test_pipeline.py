@@ -15,7 +15,7 @@ from resnet_deploy.cli import main
 from resnet_deploy.model import file_sha256
 from resnet_deploy.package import TritonOptions
 from resnet_deploy.pipeline import FORMAT, PipelineOptions, run_pipeline, verify
-from resnet_deploy.preprocess import PreprocessSpec
+from resnet_deploy.card import resolve_preprocess
 
 from .conftest import CALIBRATION
 
@@ -140,8 +140,10 @@ def test_a_new_calibration_photo_rebuilds_int8_and_what_follows(
         first: Path, inputs: dict[str, Path], tmp_path: Path) -> None:
     out = _copy(first, tmp_path)
     calibration = Path(shutil.copytree(inputs["calibration"], tmp_path / "calibration"))
+    preprocessing = resolve_preprocess({"input_size": 64})  # as the CLI's --input-size 64
     options = PipelineOptions(
-        weights="random", num_classes=10, spec=PreprocessSpec.create(64),
+        weights="random", num_classes=10, spec=preprocessing.spec,
+        spec_sources=preprocessing.sources, labels_source=f"{inputs['labels']} (--labels)",
         labels=tuple(f"class{i}" for i in range(10)), exporter="torchscript",
         calibration=calibration, eval_images=inputs["eval"], num_samples=8,
         bench_iterations=5, triton=TritonOptions())
@@ -168,7 +170,8 @@ def test_a_failed_step_stops_with_its_exit_code_and_keeps_earlier_steps(
         shutil.copy(photo, few / photo.name)
     args = _args(inputs, out)
     args[args.index(inputs["calibration"])] = few
-    result = _invoke(*args)
+    at = args.index("--eval-images")  # without it, quantize holds photos back to check on
+    result = _invoke(*args[:at], *args[at + 2:])
     assert result.exit_code == 2, result.output
     assert "export: up to date" in result.output and "quantize: FAILED" in result.output
     assert "parity:" not in result.output

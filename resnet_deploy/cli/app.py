@@ -64,6 +64,24 @@ class _UserFormatter(logging.Formatter):
         return printable(f"{record.levelname.lower()} {record.name}: {record.message}")
 
 
+class _Once(logging.Filter):
+    """A warning is said once per command, however many times the library finds it (a
+    model card read by two steps, say)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        message = record.getMessage()
+        if message in self.seen:
+            return False
+        self.seen.add(message)
+        return True
+
+
 class Group(click.Group):
     """Turns the library's exceptions into one line on stderr and the documented exit code:
     UserError 2, CheckFailed 1, Ctrl-C 130, SIGTERM 143."""
@@ -106,3 +124,6 @@ def main(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     for handler in logging.getLogger().handlers:
         handler.setFormatter(_UserFormatter())
+        for old in [f for f in handler.filters if isinstance(f, _Once)]:
+            handler.removeFilter(old)
+        handler.addFilter(_Once())

@@ -71,9 +71,15 @@ def render_evaluate(result: EvaluateResult) -> None:
     emit(f"{result.images}: {result.models[0].n} images, {result.classes} classes")
     rows = [{**m.to_dict(), "mapping": MAPPINGS.get(m.label_mapping, m.label_mapping)}
             for m in result.models]
+    first = Path(result.models[0].model).name
+    compared = [Column("top1_agreement", "agrees with first", "share",
+                       f"photos where it picks the same class as {first}"),
+                Column("top1_drop_pt", "top-1 drop", "points",
+                       f"{first}'s top-1 minus this one's, in points")] \
+        if len(result.models) > 1 else []
     emit(format_table(rows, [
         Column("model", "model"), Column("precision", "precision"),
         Column("provider", "provider"), Column("n", "images", "int"),
         Column("top1", "top-1", "share", "images whose best class is the folder's class"),
         Column("top5", "top-5", "share", "images whose folder's class is among the five best"),
-        Column("mapping", "classes matched by")]))
+        *compared, Column("mapping", "classes matched by")]))

@@ -9,11 +9,10 @@ import click
 
 from ..choices import DEFAULT_OPSET, EXPORTERS, OPSETS, SIMPLIFIERS, Exporter, Simplifier
 from ..files import check_outputs
-from ..model import IMAGENET1K_V1
 from .app import main
-from .options import (DEFAULT_IMAGES, DEFAULT_MODEL, SEED, build_spec, describe_machine, emit,
-                      FilePath, json_option, random_banner, read_labels, show_result,
-                      source_options)
+from .options import (DEFAULT_IMAGES, DEFAULT_MODEL, SEED, FilePath, describe_machine,
+                      describe_preprocessing, emit, json_option, random_banner, read_labels,
+                      show_result, source_options, source_preprocessing, warn_if_guessed)
 
 if TYPE_CHECKING:
     from ..export import ExportResult
@@ -66,11 +65,14 @@ def export(weights: str, num_classes: int | None, input_size: int | None,
     model, loaded = load_model(weights, num_classes=num_classes, seed=seed,
                                find_labels=labels is None)
     random_banner(loaded.is_random)
-    spec = build_spec(input_size, resize_size, mean, std, default=IMAGENET1K_V1)
+    preprocessing = source_preprocessing(weights, input_size, resize_size, mean, std)
+    warn_if_guessed(preprocessing, weights, loaded.num_classes)
     options = ExportOptions(exporter=exporter, opset=opset, dynamic_batch=dynamic_batch,
                             simplify=simplify, parity_images=parity_images, seed=seed)
-    show_result(lambda: run_export(model, loaded, spec, output, labels=label_names,
+    show_result(lambda: run_export(model, loaded, preprocessing.spec, output,
+                                   labels=label_names,
                                    labels_source=f"{labels} (--labels)" if labels else None,
+                                   preprocess_sources=preprocessing.sources,
                                    options=options), render_export, json_path)
 
 
@@ -96,6 +98,7 @@ def render_export(result: ExportResult) -> None:
     emit(f"{result.output}: {result.exporter} exporter, opset {result.opset}, "
          f"{result.size_bytes / 1e6:.1f} MB; weights: {result.weights}")
     emit(f"simplifier: {simplifier_line(result)}")
+    emit(f"preprocessing: {describe_preprocessing(result.preprocess, result.preprocess_sources)}")
     emit(f"labels: {result.labels_source}")
     emit(f"layer names: {result.layers} of {result.nodes_after} nodes named after their "
          "PyTorch module (recorded in the model)")

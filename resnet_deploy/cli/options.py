@@ -11,8 +11,8 @@ from typing import Any
 
 import click
 
+from ..choices import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import CheckFailed, UserError
-from ..model import PublishedWeights
 
 DEFAULT_MODEL = Path("artifacts/resnet18.onnx")
 # numpy's and torch's generators take seeds below 2**32 on every platform.
@@ -57,8 +57,12 @@ class Finite(click.FloatRange):
         return "finite" if self.min is None and self.max is None else super()._describe_range()
 
 
-def preprocess_options(required: bool = False) -> Decorator:
-    """--input-size/--resize-size/--mean/--std; None unless given, so model metadata wins."""
+def preprocess_options(*, source: bool = False) -> Decorator:
+    """--input-size/--resize-size/--mean/--std; None unless given. ``source``: for export
+    and pipeline, where they override the checkpoint's model.json (else ImageNet's); the
+    other commands override the model's metadata."""
+    overrides = ("Overrides the checkpoint's model.json" if source
+                 else "Overrides the model's metadata")
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         fn = click.option("--std", nargs=3, type=Finite(min=0, min_open=True), default=None,
@@ -73,34 +77,47 @@ def preprocess_options(required: bool = False) -> Decorator:
                           help="Shorter side before the centre crop (default input/0.875).")(fn)
         return click.option("--input-size", type=click.IntRange(8, MAX_INPUT_SIZE),
                             default=None,
-                            required=required,
-                            help="Square crop fed to the model." +
-                            ("" if required else " Overrides the model's metadata."))(fn)
+                            help=f"Square crop fed to the model. {overrides}"
+                            + (" [default: 224, ImageNet's]." if source else "."))(fn)
 
     return decorate
 
 
 def build_spec(input_size: int | None, resize_size: int | None,
-               mean: tuple[float, ...] | None, std: tuple[float, ...] | None,
-               default: PublishedWeights | None = None) -> Any:
-    """A PreprocessSpec from CLI values; without --input-size, the ``default`` weights' own
-    input and resize sizes, or None (use the model's metadata)."""
-    from ..preprocess import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec
+               mean: tuple[float, ...] | None, std: tuple[float, ...] | None) -> Any:
+    """A PreprocessSpec overriding a model's metadata, or None (use the metadata)."""
+    from ..preprocess import PreprocessSpec
 
-    size = input_size or (default.input_size if default else None)
-    if input_size is None and default is not None:
-        resize_size = resize_size or default.resize_size
-    if size is None:
+    if input_size is None:
         if resize_size or mean or std:
             raise UserError("--resize-size/--mean/--std need --input-size as well")
         return None
-    return PreprocessSpec.create(size, resize_size, mean=tuple(mean or IMAGENET_MEAN),
+    return PreprocessSpec.create(input_size, resize_size, mean=tuple(mean or IMAGENET_MEAN),
                                  std=tuple(std or IMAGENET_STD))
 
 
+# ``--json -``: the JSON goes to stdout, and everything the command would print there goes
+# to stderr, so that stdout is one JSON document a pipe can parse.
+JSON_TO_STDOUT = "json_to_stdout"
+
+
+def _json_target(ctx: click.Context, param: click.Parameter, value: Any) -> Path | None:
+    if value == "-":
+        ctx.meta[JSON_TO_STDOUT] = True
+        return None
+    return None if value is None else FilePath().convert(value, param, ctx)
+
+
 def json_option(fn: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option("--json", "json_path", type=FilePath(),
-                        default=None, help="Also write the results as JSON here.")(fn)
+    return click.option("--json", "json_path", callback=_json_target, metavar="PATH",
+                        default=None,
+                        help="Also write the results as JSON here ('-': to stdout, with the "
+                             "tables on stderr).")(fn)
+
+
+def _json_to_stdout() -> bool:
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx is not None and ctx.meta.get(JSON_TO_STDOUT))
 
 
 def weights_option(default: str | None) -> Decorator:
@@ -109,8 +126,23 @@ def weights_option(default: str | None) -> Decorator:
                              ".pth/.pt/.safetensors checkpoint.")
 
 
+# Each tolerance rule a check can fail, and the option that overrides it (the same name in
+# parity, quantize and pipeline); a "would pass with" hint names only options its command has.
+TOLERANCE_FLAGS = {"atol": "--atol", "min_cosine": "--min-cosine", "min_top1": "--min-top1"}
+INT8_GATE_FLAGS = {k: v for k, v in TOLERANCE_FLAGS.items() if k != "atol"}
+
+
+def int8_gate_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--min-cosine and --min-top1 for the INT8 gate, as parity spells and means them."""
+    fn = click.option("--min-top1", type=Finite(0, 1), default=None,
+                      help="INT8 gate: top-1 agreement floor (0-1) [default: 0.97].")(fn)
+    return click.option("--min-cosine", type=Finite(0, 1), default=None,
+                        help="INT8 gate: 1st-percentile cosine floor [default: 0.97].")(fn)
+
+
 def emit(text: str) -> None:
-    click.echo(printable(text))
+    """A line of the command's report: stdout, or stderr when stdout carries the JSON."""
+    click.echo(printable(text), err=_json_to_stdout())
 
 
 def printable(text: str) -> str:
@@ -120,12 +152,20 @@ def printable(text: str) -> str:
 
 
 def write_json_if(path: Path | None, data: dict[str, Any]) -> None:
-    """Write a command's result as JSON, with the machine it ran on at the top."""
-    if path is not None:
-        from ..machine import machine_info
-        from ..report import write_json
+    """Write a command's result as JSON, with the machine it ran on at the top (to stdout
+    after ``--json -``)."""
+    if path is None and not _json_to_stdout():
+        return
+    import json
 
-        write_json(path, {"machine": machine_info(), **data})  # bench's own machine wins
+    from ..machine import machine_info
+    from ..report import write_json
+
+    document = {"machine": machine_info(), **data}  # bench's own machine wins
+    if path is None:
+        click.echo(json.dumps(document, indent=2, default=str))
+    else:
+        write_json(path, document)
         emit(f"wrote {path}")
 
 
@@ -157,28 +197,58 @@ def random_banner(untrained: bool) -> None:
 
 
 def read_labels(path: Path | None) -> list[str] | None:
-    """Class names, one per line (a BOM and CRLF line ends are fine). A blank line between
-    names or a repeated name is refused: either would shift or merge classes silently."""
+    """Class names from --labels: a model card's ``classes``, or one name per line."""
     if path is None:
         return None
-    try:
-        lines = [line.strip() for line in path.read_text("utf-8-sig").splitlines()]
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read the labels file ({exc.strerror})") from None
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{path}: the labels file is not UTF-8 text (byte {exc.start}); save "
-                        "it as UTF-8, one class name per line") from None
-    while lines and not lines[-1]:
-        lines.pop()  # trailing blank lines are only the file's end
-    if not lines:
-        raise UserError(f"{path}: the labels file is empty; give one class name per line")
-    if "" in lines:
-        raise UserError(f"{path}: line {lines.index('') + 1} is blank; give one class name per "
-                        "line, with none left empty")
-    repeated = next((name for i, name in enumerate(lines) if name in lines[:i]), None)
-    if repeated is not None:
-        raise UserError(f"{path}: {repeated!r} is listed twice; each class needs its own name")
-    return lines
+    from ..card import read_labels as read
+
+    return read(path)
+
+
+# How each explicitly given preprocessing value was given, for "where it came from" lines.
+GIVEN_FLAGS = {"input_size": "--input-size", "resize_size": "--resize-size",
+               "interpolation": "--interpolation", "mean": "--mean", "std": "--std"}
+
+
+def source_preprocessing(weights: str, input_size: int | None, resize_size: int | None,
+                         mean: tuple[float, ...] | None, std: tuple[float, ...] | None) -> Any:
+    """The preprocessing to export ``weights`` with: these options, else the checkpoint's
+    model.json, else ImageNet's defaults (a :class:`card.Preprocessing`)."""
+    from ..card import card_beside, resolve_preprocess
+    from ..model import IMAGENET, RANDOM
+
+    card = None if weights in (IMAGENET, RANDOM) else card_beside(weights)
+    given = {"input_size": input_size, "resize_size": resize_size,
+             "mean": tuple(mean) if mean else None, "std": tuple(std) if std else None}
+    return resolve_preprocess(given, card)
+
+
+def describe_preprocessing(spec: dict[str, Any], sources: dict[str, str]) -> str:
+    """A recorded spec and its sources in one phrase, explicit values named by their flag."""
+    from ..card import Preprocessing
+    from ..preprocess import PreprocessSpec
+
+    spec_obj = PreprocessSpec.from_dict(spec)
+    if not sources:
+        return f"{spec_obj.input_size} px crop, resize {spec_obj.resize_size}"
+    return Preprocessing(spec_obj, sources).describe(GIVEN_FLAGS)
+
+
+def warn_if_guessed(preprocessing: Any, weights: str, num_classes: int | None = None) -> None:
+    """One warning when a checkpoint that is not an ImageNet classifier gets ImageNet's
+    224-pixel defaults because nothing said otherwise: the newcomer's silent chance level.
+    ``num_classes`` None: read from the checkpoint, only when the size was defaulted."""
+    from ..card import IMAGENET_DEFAULT
+    from ..model import IMAGENET, RANDOM, checkpoint_classes
+
+    if weights in (IMAGENET, RANDOM) or preprocessing.sources["input_size"] != IMAGENET_DEFAULT:
+        return
+    classes = num_classes if num_classes is not None else checkpoint_classes(Path(weights))
+    if classes != 1000:
+        click.echo(f"warning: {weights} has {classes} classes, not ImageNet's 1000, but no "
+                   f"input size was given or found beside it (model.json); using ImageNet's "
+                   f"{preprocessing.spec.input_size} px: pass --input-size (and --resize-size) "
+                   "as it was trained, or the model may score at chance", err=True)
 
 
 def progress_enabled() -> bool:
@@ -210,13 +280,23 @@ def provider_option(*, single: bool = False) -> Decorator:
                         "; a missing one is an error, never a silent CPU run.")
 
 
+def _no_model(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+    if value:
+        raise click.BadParameter("this command reads a PyTorch checkpoint: pass it with "
+                                 "--weights PATH (--model is for the commands that read ONNX "
+                                 "models, e.g. quantize)", ctx=ctx, param=param)
+
+
 def source_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """What a PyTorch model is exported from: --weights, --num-classes, the preprocessing
-    and --labels (export and pipeline)."""
+    and --labels (export and pipeline). A --model, which every other command takes, gets
+    an error that says what to pass instead."""
+    fn = click.option("--model", hidden=True, expose_value=False, callback=_no_model)(fn)
     fn = click.option("--labels", type=FilePath(),
-                      default=None, help="Class names, one per line (default: a model.json "
-                      "or labels.txt beside the checkpoint, or ImageNet's).")(fn)
-    fn = preprocess_options()(fn)
+                      default=None, help="Class names: a text file (one per line) or a "
+                      "model.json (its \"classes\") [default: a model.json or labels.txt "
+                      "beside the checkpoint, or ImageNet's].")(fn)
+    fn = preprocess_options(source=True)(fn)
     # An fc of 100,000 classes is already 200 MB; a typo of 10**12 would be 2 PB.
     fn = click.option("--num-classes", type=click.IntRange(1, 100_000), default=None,
                       help="Classes of a random model (inferred from fc.weight for "

@@ -74,7 +74,8 @@ def parity(models: tuple[Path, ...], weights: str | None, providers: tuple[str, 
     check_outputs({"--json": json_path, "--save-outputs": save_outputs},
                   [*models, load_outputs, images,
                    Path(weights) if weights and Path(weights).is_file() else None])
-    from ..parity import ParityOptions, ToleranceOverrides, check, compare_backends
+    from ..metrics import ToleranceOverrides
+    from ..parity import ParityOptions, check, compare_backends
 
     if images is None and random_count is None:
         if not DEFAULT_IMAGES.is_dir():

@@ -8,13 +8,14 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from ..choices import EXPORTERS, METHODS, TARGETS, Exporter, Method, Target
-from ..errors import UserError, CheckFailed
-from ..model import IMAGENET1K_V1
+from ..errors import CheckFailed, UserError
 from ..files import check_outputs
+from ..metrics import ToleranceOverrides
 from .app import main
-from .options import (DEFAULT_IMAGES, SEED, batch_sizes, build_spec, describe_machine, emit,
-                      FilePath, json_option, provider_option, random_banner, read_labels,
-                      source_options, write_json_if)
+from .options import (DEFAULT_IMAGES, INT8_GATE_FLAGS, SEED, FilePath, batch_sizes,
+                      describe_machine, emit, int8_gate_options, json_option, provider_option,
+                      random_banner, read_labels, source_options, source_preprocessing,
+                      warn_if_guessed, write_json_if)
 from .package import triton_options
 
 if TYPE_CHECKING:
@@ -42,6 +43,11 @@ if TYPE_CHECKING:
 @click.option("--bench-batch-size", default="1", show_default=True,
               help="Comma-separated batch sizes for the short bench.")
 @click.option("--bench-iterations", type=click.IntRange(min=1), default=30, show_default=True)
+@int8_gate_options
+@click.option("--name", default=None, metavar="NAME",
+              help="What the models are called (NAME.onnx, NAME.int8.onnx, and the Triton "
+                   "models NAME, NAME_int8) [default: the checkpoint's file name, or "
+                   "resnet18].")
 @click.option("--triton", is_flag=True, help="Also write OUT/model_repository for Triton.")
 @triton_options
 @click.option("--seed", type=SEED, default=0, show_default=True)
@@ -54,7 +60,8 @@ def pipeline(weights: str, num_classes: int | None, input_size: int | None,
              calibration: Path, eval_images: Path | None, providers: tuple[str, ...],
              target: Target, method: Method, num_samples: int, exporter: Exporter,
              dynamic_batch: bool,
-             parity_limit: int, bench_batch_size: str, bench_iterations: int, triton: bool,
+             parity_limit: int, bench_batch_size: str, bench_iterations: int,
+             min_cosine: float | None, min_top1: float | None, name: str | None, triton: bool,
              max_batch_size: int, preferred: str | None, queue_delay_us: int, instances: int,
              seed: int, force: bool, output: Path, json_path: Path | None) -> None:
     """Checkpoint to INT8, FP16, parity proof, figures and a Triton repository in one run.
@@ -85,15 +92,19 @@ def pipeline(weights: str, num_classes: int | None, input_size: int | None,
                                           Path(weights) if Path(weights).is_file() else None],
                   folders={"-o": output})
     random_banner(weights == "random")
+    preprocessing = source_preprocessing(weights, input_size, resize_size, mean, std)
+    warn_if_guessed(preprocessing, weights)
     options = PipelineOptions(
-        weights=weights, num_classes=num_classes,
-        spec=build_spec(input_size, resize_size, mean, std, default=IMAGENET1K_V1),
-        labels=tuple(read_labels(labels) or ()) or None, calibration=calibration,
-        eval_images=eval_images, providers=providers, target=target,
+        weights=weights, num_classes=num_classes, spec=preprocessing.spec,
+        spec_sources=preprocessing.sources, labels=tuple(read_labels(labels) or ()) or None,
+        labels_source=f"{labels} (--labels)" if labels else None, name=valid_name(name),
+        calibration=calibration, eval_images=eval_images, providers=providers, target=target,
         method=method, num_samples=num_samples, exporter=exporter,
         dynamic_batch=dynamic_batch, parity_limit=parity_limit,
         bench_batch_sizes=bench_sizes,
         bench_iterations=bench_iterations, seed=seed, force=force,
+        gate=ToleranceOverrides(min_cosine=min_cosine, min_top1=min_top1,
+                                precisions=("int8",)),
         triton=TritonOptions(max_batch_size=max_batch_size,
                              preferred_batch_sizes=(
                                  None if preferred is None
@@ -101,14 +112,48 @@ def pipeline(weights: str, num_classes: int | None, input_size: int | None,
                              max_queue_delay_us=queue_delay_us,
                              instance_count=instances) if triton else None)
     emit(f"machine: {describe_machine()}")
-    result = run_pipeline(output, options, progress=emit)
+    try:
+        result = run_pipeline(output, options, progress=emit)
+    except CheckFailed as exc:
+        hint = gate_hint(exc.report)
+        if hint:
+            emit(hint)
+        raise
     render_pipeline(result)
     write_json_if(json_path, result.to_dict())
 
 
+def valid_name(name: str | None) -> str | None:
+    """--name as Triton accepts a model name (letters, digits, _ and -), or a usage error."""
+    import re
+
+    if name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}", name):
+        raise click.BadParameter(f"{name!r}: use letters, digits, '_' and '-' (a file and "
+                                 "Triton model name)", param_hint="'--name'")
+    return name
+
+
+def gate_hint(report: Any) -> str | None:
+    """After a failed INT8 gate: the pipeline's own options that would have passed it."""
+    from ..report import pass_hint
+
+    needed = report.get("needed") if isinstance(report, dict) else None
+    hint = pass_hint(needed, INT8_GATE_FLAGS) if needed else ""
+    return f"quantize gate: it would pass with {hint}" if hint else None
+
+
 def render_pipeline(result: PipelineResult) -> None:
+    from ..pipeline import provenance_lines
     from ..report import Column, format_table
 
+    records = {r.step: r for r in result.steps}
+    for line in provenance_lines(records):
+        if line.startswith("warning: "):
+            click.echo(line, err=True)
+        else:
+            emit(line[0].lower() + line[1:])
+    for note in records["quantize"].results.get("notes", []) if "quantize" in records else []:
+        emit(f"note: quantize: {note}")
     rows = [{"step": r.step, "status": r.status,
              "seconds": None if r.status == "up to date" else r.seconds,
              "outputs": len(r.outputs), "result": step_summary(r)} for r in result.steps]
@@ -144,7 +189,7 @@ def step_summary(record: Any) -> str:
     r = record.results
     if record.step == "quantize" and r.get("check_passed") is not None:
         return (f"check {'PASS' if r['check_passed'] else 'FAIL'}, top-1 agreement "
-                f"{cell(r['top1_agreement'], 'share')} on {r['held_out']} held-out")
+                f"{cell(r['top1_agreement'], 'share')} on {r['held_out']} photos")
     if record.step == "parity":
         return (f"{'PASS' if r['passed'] else 'FAIL'}, {len(r['backends'])} backends on "
                 f"{r['inputs']}")

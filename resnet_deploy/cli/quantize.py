@@ -10,8 +10,9 @@ import click
 from ..choices import METHODS, QUANT_TYPES, TARGETS, Method, QuantType, Target
 from ..files import check_outputs
 from .app import main
-from .options import (SEED, build_spec, describe_machine, emit, FilePath, Finite, json_option,
-                      preprocess_options, progress_enabled, show_result)
+from .options import (INT8_GATE_FLAGS, SEED, FilePath, Finite, build_spec, describe_machine,
+                      emit, int8_gate_options, json_option, preprocess_options,
+                      progress_enabled, show_result)
 
 if TYPE_CHECKING:
     from ..quantize import QuantizeResult
@@ -50,6 +51,7 @@ if TYPE_CHECKING:
                    "top-1 drop on --eval-images (an ImageFolder) is at most PT points.")
 @click.option("--max-fallback", type=click.IntRange(min=0), default=5, show_default=True,
               metavar="K", help="At most K nodes kept in FP32 by --max-top1-drop.")
+@int8_gate_options
 @click.option("--no-check", "skip_check", is_flag=True,
               help="Write the model without comparing it with FP32 (the output says so).")
 @click.option("--strict", is_flag=True, help="An unreadable image is an error, not a skip.")
@@ -59,18 +61,18 @@ if TYPE_CHECKING:
 def quantize(model: Path, calibration: Path, output: Path | None, method: Method,
              num_samples: int, per_channel: bool | None, activation_type: QuantType | None,
              weight_type: QuantType | None, reduce_range: bool, target: Target,
-             exclude: tuple[str, ...],
-             eval_images: Path | None, max_top1_drop: float | None, max_fallback: int,
+             exclude: tuple[str, ...], eval_images: Path | None, max_top1_drop: float | None,
+             max_fallback: int, min_cosine: float | None, min_top1: float | None,
              skip_check: bool, strict: bool, seed: int, input_size: int | None,
-             resize_size: int | None,
-             mean: Any, std: Any, json_path: Path | None) -> None:
+             resize_size: int | None, mean: Any, std: Any, json_path: Path | None) -> None:
     """Quantize an FP32 model to INT8 (QDQ) and check it against FP32.
 
     Preprocessing comes from the model's metadata. After quantizing, FP32 and INT8 run on
     held-out images (--eval-images, else calibration photos calibration did not use: a
     seeded 20% of the folder when it would use them all). The model is written only when
     the check meets the INT8 tolerances (top-1 agreement >= 97%, 1st-percentile cosine >=
-    0.97); otherwise exit 1. With --max-top1-drop, nodes ranked by sensitivity stay FP32
+    0.97; --min-top1 and --min-cosine override them); otherwise exit 1, with the settings
+    that would have passed. With --max-top1-drop, nodes ranked by sensitivity stay FP32
     until the target is met, or the command fails (exit 1) and writes no model.
 
     \b
@@ -84,6 +86,7 @@ def quantize(model: Path, calibration: Path, output: Path | None, method: Method
 
     output = output or default_output(model)
     check_outputs({"-o": output, "--json": json_path}, [model, calibration, eval_images])
+    from ..metrics import ToleranceOverrides
     from ..quantize import QuantizeOptions
     from ..quantize import quantize as run_quantize
 
@@ -93,6 +96,7 @@ def quantize(model: Path, calibration: Path, output: Path | None, method: Method
         target=target, exclude=tuple(exclude), eval_images=eval_images,
         max_top1_drop=max_top1_drop, max_fallback=max_fallback, strict=strict, seed=seed,
         check=not skip_check, progress=progress_enabled(),
+        tolerances=ToleranceOverrides(min_cosine=min_cosine, min_top1=min_top1),
         spec=build_spec(input_size, resize_size, mean, std))
     show_result(lambda: run_quantize(model, calibration, output, options=options),
                 render_quantize, json_path)
@@ -116,7 +120,8 @@ def render_quantize(result: QuantizeResult) -> None:
     if result.check is None:
         emit(f"check: {result.check_note}")
     else:
-        emit(format_checks(f"check, {result.check.subject}", [result.check], "FP32 - INT8"))
+        emit(format_checks(f"check, {result.check.subject}", [result.check], "FP32 - INT8",
+                           flags=INT8_GATE_FLAGS))
     if result.excluded:
         emit("kept in FP32 (--exclude): "
              + ", ".join(display(n, result.layers) for n in result.excluded))
