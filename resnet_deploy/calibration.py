@@ -20,7 +20,7 @@ import numpy as np
 
 from .errors import UserError
 from .metrics import top_k
-from .preprocess import IMAGE_SUFFIXES, PreprocessSpec, list_images, load_batch, seeded_subset
+from .preprocess import PreprocessSpec, is_image, list_images, load_batch, seeded_subset
 from .runtime import ModelFile, fill_batch
 
 log = logging.getLogger(__name__)
@@ -126,7 +126,7 @@ class ImageFolderReader:
         root = Path(folder)
         everything = list_images(root)
         if not everything:
-            raise UserError(f"{root}: no images (.jpg/.jpeg/.png/.bmp/.webp/.tif/.tiff) in this "
+            raise UserError(f"{root}: no images (of any format Pillow reads) in this "
                             "folder or below it; point --calibration at a folder of photos")
         chosen = seeded_subset(everything, num_samples, seed)
         if hold_out and len(chosen) == len(everything):
@@ -257,7 +257,7 @@ def labelled_images(folder: str | Path) -> LabelledImages:
     if not root.is_dir():
         raise UserError(f"{root}: no such folder; pass an ImageFolder (one subfolder of "
                         "images per class)")
-    loose = [p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    loose = [p for p in root.iterdir() if p.is_file() and is_image(p)]
     if loose:
         raise UserError(f"{root}: not an ImageFolder layout ({len(loose)} images directly in "
                         "the folder); put the images in one subfolder per class")

@@ -18,7 +18,7 @@ import numpy as np
 from .calibration import hits, labelled_images, warn_skipped
 from .errors import UserError
 from .preprocess import PreprocessSpec, load_batch
-from .runtime import ModelFile, OrtBackend
+from .runtime import ModelFile
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,7 @@ class EvaluateOptions:
     strict: bool = False
     progress: bool = False
     spec: PreprocessSpec | None = None
+    output_name: str | None = None  # the output to read in models with several
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,7 @@ class _Entry:
     targets: dict[Path, int]
     mapping: str
     untrained: bool = False
+    file: Any = None  # the opened ModelFile
     classes: int = 0
     backend: Any = None
     top1: int = 0
@@ -112,7 +114,7 @@ def evaluate(models: Sequence[str | Path], images: str | Path, *,
     folder = labelled_images(images).subset(options.limit, options.seed)
     entries = []
     for model in models:
-        file = ModelFile.read(model)
+        file = ModelFile.read(model, options.output_name)
         file.warn_if_wrong_cpu(options.provider)
         untrained = file.meta is not None and file.meta.weights.get("source") == "random"
         if untrained:
@@ -123,9 +125,9 @@ def evaluate(models: Sequence[str | Path], images: str | Path, *,
         indices, mapping = folder.class_indices(labels, file.io.classes)
         targets = {p: indices[c] for p, c in zip(folder.paths, folder.class_ids, strict=True)}
         entries.append(_Entry(file.path, spec, file.precision, targets, mapping,
-                              untrained=untrained))
+                              untrained=untrained, file=file))
     for entry in entries:
-        entry.backend = OrtBackend(entry.path, options.provider)
+        entry.backend = entry.file.backend(options.provider)
     specs = list(dict.fromkeys(e.spec for e in entries))
     skipped: set[Path] = set()
     paths = list(folder.paths)

@@ -46,6 +46,7 @@ class Fp16Options:
     check_samples: int = 16
     seed: int = 0
     op_block_list: tuple[str, ...] | None = None
+    output_name: str | None = None  # the output to check, in models with several
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,7 @@ def convert_fp16(model: str | Path, output: str | Path | None = None, *,
     if output.resolve() == source.resolve():
         raise UserError(f"{output}: the output would overwrite the input; choose another -o")
     proto = load_onnx(source)
-    file = ModelFile.from_proto(proto, source)
+    file = ModelFile.from_proto(proto, source, options.output_name)
     if file.precision != "fp32":
         raise UserError(f"{source}: is already {file.precision.upper()}; convert the FP32 "
                         "export")
@@ -165,7 +166,7 @@ def convert_fp16(model: str | Path, output: str | Path | None = None, *,
     with atomic_output(output) as tmp:
         onnx.save(half, str(tmp), save_as_external_data=False)
         start = time.perf_counter()
-        check, described = check_fp16(source, tmp, spec, options)
+        check, described = check_fp16(source, tmp, spec, options, output=file.io.output_name)
         seconds["check"] = time.perf_counter() - start
         result = Fp16Result(
             source=str(source), output=str(output), nodes=len(half.graph.node),
@@ -179,13 +180,13 @@ def convert_fp16(model: str | Path, output: str | Path | None = None, *,
     return result
 
 
-def check_fp16(fp32: Path, fp16: Path, spec: PreprocessSpec,
-               options: Fp16Options) -> tuple[CheckResult, str]:
+def check_fp16(fp32: Path, fp16: Path, spec: PreprocessSpec, options: Fp16Options, *,
+               output: str | None = None) -> tuple[CheckResult, str]:
     """FP32 vs FP16 logits on ORT CPU, judged by parity's FP16 tolerance; and the inputs."""
     inputs, described = parity_inputs(spec, options.check_images, options.check_samples,
                                       options.seed)
-    reference = run_batched(OrtBackend(fp32, "cpu"), inputs, len(inputs))
-    candidate = run_batched(OrtBackend(fp16, "cpu"), inputs, len(inputs))
+    reference = run_batched(OrtBackend(fp32, "cpu", output=output), inputs, len(inputs))
+    candidate = run_batched(OrtBackend(fp16, "cpu", output=output), inputs, len(inputs))
     check = CheckResult.judge(f"FP32 vs FP16 on ORT CPU on {described}", reference, candidate,
                               TOLERANCES["fp16"])
     return check, described

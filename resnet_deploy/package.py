@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any
 from .choices import DEVICES, TRT_PRECISIONS, Device, TrtPrecision
 from .errors import UserError
 from .model import file_sha256
-from .preprocess import PreprocessSpec, load_onnx, metadata_from_proto
-from .runtime import model_precision, tensor_dims
+from .preprocess import PreprocessSpec, external_files, load_onnx, metadata_from_proto
+from .runtime import create_session, model_precision, tensor_dims
 
 if TYPE_CHECKING:
     import onnx
@@ -440,12 +440,12 @@ def _write_model(path: Path, name: str, folder: Path,
                  options: TritonOptions) -> tuple[PackagedModel, PreprocessSpec | None]:
     from google.protobuf import text_format
 
-    proto = load_onnx(path)
+    proto = load_onnx(path, external_data=False)
     meta = metadata_from_proto(proto, path)
     precision = model_precision(proto)
     sha = file_sha256(path)
     (folder / VERSION).mkdir(parents=True)
-    shutil.copyfile(path, folder / VERSION / MODEL_FILE)
+    _copy_model(path, proto, folder / VERSION / MODEL_FILE)
     labels = meta.labels if meta is not None else None
     if labels:
         (folder / LABELS_FILE).write_text("\n".join(labels) + "\n", encoding="utf-8")
@@ -465,6 +465,64 @@ def _write_model(path: Path, name: str, folder: Path,
         labels=len(labels) if labels else None,
         input_name=config.input[0].name, output_name=config.output[0].name)
     return model, meta.preprocess if meta else None
+
+
+# Protobuf cannot hold a message of 2 GB or more: below it, side files are inlined.
+INLINE_LIMIT = 2**31 - 1
+
+
+def _copy_model(path: Path, proto: onnx.ModelProto, target: Path) -> None:
+    """The model as Triton will read it, proven loadable before it is published.
+
+    Weights kept in side files (``model.onnx.data``) are inlined below 2 GB; above that the
+    side files are copied beside ``model.onnx`` under the names it references. The copy
+    must then pass ``onnx.checker`` and open in an onnxruntime session, so that a model
+    onnxruntime cannot run (an opset it does not know, an operator it lacks) is refused
+    here, naming the reason, instead of failing when Triton loads it.
+    """
+    import onnx
+    from onnx.external_data_helper import load_external_data_for_model
+
+    side = external_files(proto)
+    missing = [name for name in side if not (path.parent / name).is_file()]
+    if missing:
+        raise UserError(f"{path}: its weights are stored in {missing[0]}, which is not beside "
+                        "it; copy that file next to the model")
+    total = path.stat().st_size + sum((path.parent / name).stat().st_size for name in side)
+    if side and total < INLINE_LIMIT:
+        whole = onnx.ModelProto()
+        whole.CopyFrom(proto)
+        load_external_data_for_model(whole, str(path.parent))
+        onnx.save(whole, str(target))
+    else:
+        shutil.copyfile(path, target)
+        for name in side:
+            (target.parent / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path.parent / name, target.parent / name)
+    _check_loadable(path, target, proto)
+
+
+def _check_loadable(path: Path, copy: Path, proto: onnx.ModelProto) -> None:
+    import onnx
+    import onnxruntime
+
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+    try:
+        onnx.checker.check_model(str(copy))
+    except Exception as exc:
+        raise UserError(f"{path}: not a valid ONNX model for serving (onnx.checker: "
+                        f"{str(exc).strip().splitlines()[0][:160]}); export it again") from None
+    try:
+        create_session(copy, "cpu", label=str(path))
+    except UserError as exc:
+        newest = onnx.defs.onnx_opset_version()
+        if opset > newest:
+            raise UserError(f"{path}: declares opset {opset}, newer than any onnx "
+                            f"{onnx.__version__} knows ({newest}), and onnxruntime "
+                            f"{onnxruntime.__version__} cannot load it, so neither could "
+                            "Triton; export it again at an older opset, e.g. 18") from None
+        raise UserError(f"{exc}; Triton's onnxruntime backend could not load it either") \
+            from None
 
 
 def _fix_hint(problem: str) -> str:

@@ -23,7 +23,7 @@ from .errors import CheckFailed, ProviderUnavailable, UserError
 from .files import atomic_output
 from .metrics import CheckResult, Comparison, ToleranceOverrides
 from .preprocess import PreprocessSpec, list_images, load_batch, seeded_subset
-from .runtime import (Backend, ModelFile, OrtBackend, TorchBackend, provider_name, short_provider,
+from .runtime import (Backend, ModelFile, TorchBackend, provider_name, short_provider,
                       torch_devices)
 
 log = logging.getLogger(__name__)
@@ -102,6 +102,7 @@ class ParityOptions:
     # The reference outputs are the product (--save-outputs): a run with nothing else to
     # compare is complete, not an error.
     save_reference: bool = False
+    output_name: str | None = None  # the output to read in models with several
 
 
 class Inputs:
@@ -151,8 +152,8 @@ class Inputs:
             yield batch
         warn_skipped(self.skipped, self.planned, f"images in {self.root}")
         if not self.names:
-            raise UserError(f"{self.root}: holds no readable image (.jpg/.jpeg/.png/.bmp/.webp/"
-                            ".tiff); point --images at a folder of photos")
+            raise UserError(f"{self.root}: holds no readable image; point --images at a folder "
+                            "of photos")
 
 
 def _relative(path: Path, root: Path | None) -> str:
@@ -169,8 +170,8 @@ def make_inputs(spec: PreprocessSpec, *, images: Path | None, random_count: int 
         raise UserError("give --images DIR or --random N")
     paths = seeded_subset(list_images(images), limit, seed)
     if not paths:
-        raise UserError(f"{images}: holds no readable image (.jpg/.jpeg/.png/.bmp/.webp/.tiff); "
-                        "point --images at a folder of photos")
+        raise UserError(f"{images}: holds no readable image; point --images at a folder of "
+                        "photos")
     return Inputs(spec, paths=paths, root=Path(images), seed=seed, strict=strict)
 
 
@@ -280,10 +281,11 @@ def run_parity(models: Sequence[ModelFile], *, inputs: Inputs, weights_model: An
         model, _, provider = reference_name.rpartition("@")
         if not model:
             raise UserError(f"--reference {reference_name!r}: use torch or MODEL@PROVIDER")
-        reference_backend = OrtBackend(Path(model), provider)
+        opened = next((m for m in models if m.path == Path(model)), None) \
+            or ModelFile.read(model, options.output_name)
+        reference_backend = opened.backend(provider)
         ran.add(f"{Path(model)}@{short_provider(provider_name(provider))}")
-        opened = next((m for m in models if m.path == Path(model)), None)
-        reference_precision = (opened or ModelFile.read(model)).precision
+        reference_precision = opened.precision
     report = ParityReport(reference_name, {})
     candidates: list[tuple[BackendResult, Backend]] = []
     if weights_model is not None:
@@ -299,7 +301,7 @@ def run_parity(models: Sequence[ModelFile], *, inputs: Inputs, weights_model: An
             model_file.warn_if_wrong_cpu(provider)
             row = BackendResult(name, str(model_file.path), provider, model_file.precision)
             try:
-                candidates.append((row, OrtBackend(model_file.path, provider)))
+                candidates.append((row, model_file.backend(provider)))
             except ProviderUnavailable as exc:
                 if not options.skip_unavailable:
                     raise
@@ -346,7 +348,7 @@ def compare_backends(models: Sequence[str | Path], *, weights: str | None = None
         raise UserError("--load-outputs is the reference; drop --weights/--reference")
     if not models and weights is None:
         raise UserError("nothing to compare: give --model (and/or --weights)")
-    files = [ModelFile.read(path) for path in models]
+    files = [ModelFile.read(path, options.output_name) for path in models]
     spec = model_spec(files, spec) if files else spec
     golden = load_outputs(load_outputs_from) if load_outputs_from is not None else None
     weights_model, untrained = None, False

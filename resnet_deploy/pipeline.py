@@ -13,34 +13,30 @@ atomically after every step, so an interrupted run keeps the steps it finished.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .choices import Exporter, Method, Target, TrtPrecision
 from .errors import CheckFailed, UserError
-from .machine import describe, machine_info, package_versions
+from .machine import describe, machine_info
+from .manifest import (BUILT, FAILED, MANIFEST, UP_TO_DATE, Hashes, StepRecord, digest,
+                       read_manifest, records_of, step_key, write_manifest)
 from .metrics import ToleranceOverrides
-from .model import file_sha256
 from .package import TritonOptions
-from .preprocess import PreprocessSpec, list_images
+from .preprocess import PreprocessSpec
 from .report import Column, cell, format_markdown, write_json, write_text
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
-FORMAT = "resnet-deploy-manifest/1"
 DEFAULT_NAME = "resnet18"
 PRODUCERS = {"fp32": "export", "int8": "quantize", "fp16": "fp16"}
 REPOSITORY = "model_repository"
 GPU_PROVIDERS = ("cuda", "tensorrt")
-BUILT, UP_TO_DATE, FAILED = "built", "up to date", "failed"
 # What the manifest keeps of each bench row (the full rows are in bench.json).
 BENCH_KEYS = ("model", "provider", "precision", "batch_size", "p10_ms", "p50_ms", "p90_ms",
               "throughput_ips")
@@ -93,33 +89,6 @@ class PipelineOptions:
         return f"{self.model_name}{'' if precision == 'fp32' else '.' + precision}.onnx"
 
 
-@dataclass
-class StepRecord:
-    """One step in the manifest: what went in, how, what came out, what it measured."""
-
-    step: str
-    status: str
-    key: str
-    inputs: dict[str, Any]
-    options: dict[str, Any]
-    outputs: list[dict[str, Any]] = field(default_factory=list)
-    results: dict[str, Any] = field(default_factory=dict)
-    seconds: float = 0.0
-    error: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> StepRecord:
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-    def digest(self) -> str:
-        """What a downstream step sees of this one: its outputs and results."""
-        return _digest({"outputs": self.outputs, "results": self.results})
-
-
 @dataclass(frozen=True)
 class PipelineResult:
     """Where the run wrote, and what each step did (built, up to date or failed)."""
@@ -138,50 +107,6 @@ class Outcome:
 
     outputs: tuple[Path, ...]
     results: dict[str, Any]
-
-
-def _digest(data: Any) -> str:
-    text = json.dumps(data, sort_keys=True, default=str, separators=(",", ":"))
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-class Hashes:
-    """File hashes for one run: each file is read once however many steps name it."""
-
-    def __init__(self) -> None:
-        self._cache: dict[tuple[str, int, int], str] = {}
-
-    def file(self, path: Path) -> str:
-        stat = path.stat()
-        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-        if key not in self._cache:
-            self._cache[key] = file_sha256(path)
-        return self._cache[key]
-
-    def file_input(self, path: Path) -> dict[str, Any]:
-        if not path.is_file():
-            raise UserError(f"{path}: no such file")
-        return {"kind": "file", "path": str(path.resolve()), "sha256": self.file(path)}
-
-    def folder_input(self, folder: Path) -> dict[str, Any]:
-        """Every image below ``folder`` with its content hash; the sha256 covers them all."""
-        root = Path(folder)
-        files = {p.relative_to(root).as_posix(): self.file(p) for p in list_images(root)}
-        if not files:
-            raise UserError(f"{root}: holds no images (.jpg/.png/...); point to a folder of "
-                            "photos")
-        return {"kind": "folder", "path": str(root.resolve()), "sha256": _digest(files),
-                "files": files}
-
-    def output(self, root: Path, path: Path, step: str) -> dict[str, Any]:
-        return {"path": path.relative_to(root).as_posix(), "bytes": path.stat().st_size,
-                "sha256": self.file(path), "step": step}
-
-
-def _key(inputs: dict[str, Any], options: dict[str, Any]) -> str:
-    """The step's identity: input hashes and options (not file lists or paths)."""
-    return _digest({"inputs": {k: v.get("sha256", v.get("value")) for k, v in inputs.items()},
-                    "options": options})
 
 
 # --- the steps -----------------------------------------------------------------------------
@@ -421,7 +346,7 @@ def _spec_options(o: PipelineOptions) -> dict[str, Any]:
     return {"weights": o.weights if o.weights in ("random", "imagenet") else "file",
             "num_classes": o.num_classes, "spec": o.spec.to_dict(),
             "sources": o.spec_sources, "labels_source": o.labels_source, "name": o.model_name,
-            "labels": _digest(list(o.labels)) if o.labels else None, "exporter": o.exporter,
+            "labels": digest(list(o.labels)) if o.labels else None, "exporter": o.exporter,
             "dynamic_batch": o.dynamic_batch, "seed": o.seed}
 
 
@@ -467,47 +392,11 @@ def steps(options: PipelineOptions) -> list[Step]:
 
 # --- running ---------------------------------------------------------------------------------
 
-def read_manifest(path: Path) -> dict[str, Any]:
-    """The manifest's JSON; UserError (exit 2) when it is missing or unreadable."""
-    try:
-        data = json.loads(Path(path).read_text("utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such manifest; run 'resnet-deploy pipeline -o DIR' "
-                        "first") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise UserError(f"{path}: not a readable manifest ({type(exc).__name__}); rerun "
-                        "'resnet-deploy pipeline' to rewrite it") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT \
-            or not isinstance(data.get("steps"), dict):
-        raise UserError(f"{path}: not a resnet-deploy manifest ({FORMAT}); rerun "
-                        "'resnet-deploy pipeline' to rewrite it")
-    for name, record in data["steps"].items():
-        if not _is_record(record):
-            raise UserError(f"{path}: its record of step {name!r} is malformed; rerun "
-                            "'resnet-deploy pipeline' to rewrite it")
-    return data
-
-
-def _is_record(record: Any) -> bool:
-    """A step record with the fields and types StepRecord needs (a hand-edited or
-    truncated manifest must be exit 2, not a traceback)."""
-    if not isinstance(record, dict):
-        return False
-    if not all(isinstance(o, dict) and isinstance(o.get("path"), str) and
-               0 < len(o["path"]) < 4096 and "\x00" not in o["path"]
-               for o in (record.get("outputs") or [])):
-        return False  # a path the file system could not even look up
-    needs: dict[str, type | tuple[type, ...]] = {"step": str, "status": str, "key": str,
-                                                 "inputs": dict, "options": dict}
-    optional: dict[str, type | tuple[type, ...]] = {"outputs": list, "results": dict,
-                                                    "seconds": (int, float)}
-    return all(isinstance(record.get(k), t) for k, t in needs.items()) and \
-        all(isinstance(record[k], t) for k, t in optional.items() if k in record) and \
-        all(isinstance(o, dict) and isinstance(o.get("path"), str)
-            and isinstance(o.get("sha256"), str) for o in record.get("outputs", [])) and \
-        all(isinstance(i, dict) and (i.get("kind") == "value" or
-                                     isinstance(i.get("sha256"), str))
-            for i in record["inputs"].values())
+def known_steps() -> tuple[str, ...]:
+    """Every step the pipeline can run, in order: its plan with every optional step on."""
+    everything = PipelineOptions(eval_images=Path("."), providers=("cpu", "cuda"),
+                                 triton=TritonOptions())
+    return tuple(s.name for s in steps(everything))
 
 
 def _previous(out: Path) -> dict[str, StepRecord]:
@@ -515,8 +404,7 @@ def _previous(out: Path) -> dict[str, StepRecord]:
     if not path.exists():
         return {}
     try:
-        data = read_manifest(path)
-        return {name: StepRecord.from_dict(rec) for name, rec in data["steps"].items()}
+        return records_of(read_manifest(path, known_steps()))
     except UserError:
         log.warning("%s: unreadable; every step runs again", path)
         return {}
@@ -528,18 +416,6 @@ def _outputs_hold(record: StepRecord, out: Path, hashes: Hashes) -> bool:
         if not path.is_file() or hashes.file(path) != entry["sha256"]:
             return False
     return True
-
-
-def write_manifest(out: Path, records: dict[str, StepRecord], order: Sequence[str]) -> Path:
-    """Atomically: a reader never sees half a manifest, an interrupted run keeps its steps."""
-    ordered = [n for n in order if n in records] + [n for n in records if n not in order]
-    steps_data = {n: records[n].to_dict() for n in ordered}
-    artifacts = [{**entry, "step": n} for n in ordered for entry in records[n].outputs]
-    path = out / MANIFEST
-    write_json(path, {"format": FORMAT, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                      "machine": machine_info(), "versions": package_versions(),
-                      "artifacts": artifacts, "steps": steps_data})
-    return path
 
 
 def run_pipeline(output: str | Path, options: PipelineOptions, *,
@@ -573,7 +449,7 @@ def run_pipeline(output: str | Path, options: PipelineOptions, *,
     records = run.records
     for index, step in enumerate(plan, start=1):
         inputs, opts = step.inputs(run), step.options(run)
-        key = _key(inputs, opts)
+        key = step_key(inputs, opts)
         prev = records.get(step.name)
         prefix = f"[{index}/{len(plan)}] {step.name}:"
         if (not options.force and prev is not None and prev.status != FAILED
@@ -603,96 +479,6 @@ def run_pipeline(output: str | Path, options: PipelineOptions, *,
         say(f"{prefix} built in {seconds:.1f}s")
     path = write_manifest(out, records, order)
     return PipelineResult(str(out), str(path), tuple(records[n] for n in order))
-
-
-# --- verify ----------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class VerifyReport:
-    manifest: str
-    checked: int
-    problems: tuple[str, ...]
-
-    @property
-    def passed(self) -> bool:
-        return not self.problems
-
-    def __bool__(self) -> bool:
-        return self.passed
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"manifest": self.manifest, "checked": self.checked,
-                "problems": list(self.problems), "passed": self.passed}
-
-
-def recorded_files(manifest: str | Path) -> list[Path]:
-    """Every artifact a manifest records: what verify reads, so no output may replace it."""
-    path = Path(manifest)
-    steps = read_manifest(path)["steps"]
-    return [path.parent / entry["path"] for record in steps.values()
-            for entry in record.get("outputs", [])]
-
-
-def verify(manifest: str | Path) -> VerifyReport:
-    """Re-hash every artifact and every input; name what is missing, modified or stale."""
-    path = Path(manifest)
-    data = read_manifest(path)
-    out = path.parent
-    hashes = Hashes()
-    records = {n: StepRecord.from_dict(r) for n, r in data["steps"].items()}
-    problems: list[str] = []
-    checked = 0
-    tainted: set[str] = set()  # steps whose outputs cannot be trusted: downstream is stale
-    for name, record in records.items():
-        if record.status == FAILED:
-            problems.append(f"step {name} failed: {record.error}")
-            tainted.add(name)
-            continue
-        count = len(problems)
-        for entry in record.outputs:
-            checked += 1
-            file = out / entry["path"]
-            if not file.is_file():
-                problems.append(f"missing: {entry['path']} ({name})")
-            elif hashes.file(file) != entry["sha256"]:
-                problems.append(f"modified: {entry['path']} ({name})")
-        changed = [k for k, v in record.inputs.items() if _input_changed(v, records, hashes)]
-        upstream = sorted({v["step"] for v in record.inputs.values()
-                           if v.get("kind") in ("artifact", "step")} & tainted)
-        if changed or upstream:
-            why = (f"{', '.join(changed)} changed since it was built" if changed else
-                   f"built from {', '.join(upstream)}, which no longer holds")
-            problems.append(f"stale: {_paths(record.outputs) or name} ({name}: {why})")
-        if len(problems) > count:
-            tainted.add(name)
-    return VerifyReport(str(path), checked, tuple(problems))
-
-
-def _paths(outputs: Sequence[dict[str, Any]], shown: int = 3) -> str:
-    names = [o["path"] for o in outputs]
-    more = f" and {len(names) - shown} more" if len(names) > shown else ""
-    return ", ".join(names[:shown]) + more
-
-
-def _input_changed(entry: dict[str, Any], records: dict[str, StepRecord], hashes: Hashes) -> bool:
-    kind = entry.get("kind")
-    if kind == "file":
-        file = Path(entry["path"])
-        return not file.is_file() or hashes.file(file) != entry["sha256"]
-    if kind == "folder":
-        try:
-            return hashes.folder_input(Path(entry["path"]))["sha256"] != entry["sha256"]
-        except UserError:
-            return True
-    if kind == "artifact":
-        producer = records.get(entry["step"])
-        return producer is None or not any(
-            o["path"] == entry["path"] and o["sha256"] == entry["sha256"]
-            for o in producer.outputs)
-    if kind == "step":
-        producer = records.get(entry["step"])
-        return producer is None or producer.digest() != entry["sha256"]
-    return False
 
 
 # --- the report ------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ it), so that no step can drift from the preprocessing used at export.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -31,7 +32,6 @@ log = logging.getLogger(__name__)
 
 METADATA_KEY = "resnet_deploy"
 OUTPUT_KINDS = ("logits", "features")
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 # Images with more pixels are refused as unreadable before they are decoded: 80 MP (e.g.
 # 10000x8000) is above any camera's default output and decodes to 240 MB of RGB, while a PNG
 # header claiming 60000x60000 (3.6 gigapixels) is a decompression bomb, not a photo. Below
@@ -146,17 +146,41 @@ def preprocess_file(path: str | Path, spec: PreprocessSpec) -> np.ndarray:
     return to_tensor(load_image(path), spec)
 
 
+@functools.lru_cache(maxsize=1)
+def image_suffixes() -> frozenset[str]:
+    """Every file suffix Pillow registers a format for (.jpg, .png, .gif, .tiff, ...)."""
+    from PIL import Image
+
+    Image.init()
+    return frozenset(suffix.lower() for suffix in Image.registered_extensions())
+
+
+def is_image(path: Path) -> bool:
+    """A file Pillow would open: by its suffix, else by what its first bytes say (a photo
+    saved without an extension counts; LABELS.md does not)."""
+    if path.suffix.lower() in image_suffixes():
+        return path.is_file() or path.is_symlink()
+    if not path.is_file():
+        return False
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path):
+            return True
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        return False
+
+
 def list_images(folder: str | Path) -> list[Path]:
-    """Every image below ``folder`` (recursive, suffix matched case-insensitively), sorted.
+    """Every image below ``folder`` (recursive; any format Pillow reads), sorted.
 
     A broken or looping symlink named like an image is listed too, so that the loader counts
     it as unreadable (and --strict refuses it) instead of it vanishing without a word.
     """
     root = Path(folder)
     if not root.is_dir():
-        raise UserError(f"{root}: no such image folder; pass a folder of .jpg/.png images")
-    return sorted(p for p in root.rglob("*")
-                  if p.suffix.lower() in IMAGE_SUFFIXES and (p.is_file() or p.is_symlink()))
+        raise UserError(f"{root}: no such image folder; pass a folder of photos")
+    return sorted(p for p in root.rglob("*") if is_image(p))
 
 
 def seeded_subset(items: Sequence[Any], limit: int | None, seed: int = 0) -> list[Any]:
@@ -195,7 +219,7 @@ def image_inputs(folder: str | Path, spec: PreprocessSpec, limit: int | None = N
     if skipped:
         log.warning("skipped %d unreadable image(s) in %s", len(skipped), folder)
     if not used:
-        raise UserError(f"{folder}: holds no readable image (.jpg/.jpeg/.png/.bmp/.webp/.tiff); "
+        raise UserError(f"{folder}: holds no readable image; "
                         "point to a folder of photos")
     return batch, used
 
@@ -326,8 +350,11 @@ def metadata_from_proto(model: onnx.ModelProto,
     return None
 
 
-def load_onnx(path: str | Path) -> onnx.ModelProto:
-    """Load an ONNX file, turning every way it can be bad into a one-line UserError."""
+def load_onnx(path: str | Path, *, external_data: bool = True) -> onnx.ModelProto:
+    """Load an ONNX file, turning every way it can be bad into a one-line UserError.
+
+    ``external_data`` False leaves tensors stored in side files (``model.onnx.data``)
+    unread, so a caller can see which files the model references."""
     import onnx
 
     path = Path(path)
@@ -336,10 +363,29 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
     if path.stat().st_size == 0:
         raise UserError(f"{path}: the model file is empty; export it again")
     try:
-        return onnx.load(str(path))
+        return onnx.load(str(path), load_external_data=external_data)
+    except FileNotFoundError as exc:
+        raise UserError(f"{path}: its weights are stored in a side file that is not beside it "
+                        f"({Path(exc.filename or '?').name}); copy that file next to the "
+                        "model") from None
     except Exception as exc:
         raise UserError(f"{path}: not a readable ONNX model ({type(exc).__name__}); "
                         "export it again with 'resnet-deploy export'") from None
+
+
+def external_files(model: onnx.ModelProto) -> list[str]:
+    """The side files a model loaded without its external data keeps tensors in."""
+    from onnx.external_data_helper import uses_external_data
+
+    tensors = [*model.graph.initializer,
+               *(a.t for node in model.graph.node for a in node.attribute if a.HasField("t"))]
+    found: list[str] = []
+    for tensor in tensors:
+        if uses_external_data(tensor):
+            location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+            if location and location not in found:
+                found.append(location)
+    return found
 
 
 def read_metadata(path: str | Path) -> ModelMetadata | None:

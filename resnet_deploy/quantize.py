@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import io
 import logging
+import logging.handlers
 import re
 import tempfile
 import time
@@ -35,7 +36,8 @@ from .machine import cpu_info, saturates
 from .metrics import CheckResult, ToleranceOverrides, compare, round_sig
 from .model import file_sha256
 from .preprocess import ModelMetadata, PreprocessSpec, list_images, seeded_subset, write_metadata
-from .runtime import ModelFile, OrtBackend, SessionConfig, int8_weight_peak, run_batched
+from .runtime import (ModelFile, OrtBackend, SessionConfig, create_session, int8_weight_peak,
+                      run_batched)
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +129,7 @@ class QuantizeOptions:
     calibrator_options: dict[str, Any] | None = None
     check: bool = True
     tolerances: ToleranceOverrides = ToleranceOverrides()  # on top of INT8's tolerance
+    output_name: str | None = None  # the output to check, in models with several
 
     def __post_init__(self) -> None:
         for name, value, choices in (("--method", self.method, METHODS),
@@ -250,12 +253,24 @@ def default_output(model: str | Path) -> Path:
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """onnxruntime's histogram calibrators print progress to stdout; log it instead."""
+    """onnxruntime's quantization tools print progress to stdout and log what they recover
+    from (a traceback included) at error level; both go to our debug log instead, and our
+    own errors say what failed."""
     buffer = io.StringIO()
-    with contextlib.redirect_stdout(buffer):
-        yield
-    if buffer.getvalue().strip():
-        log.debug("onnxruntime.quantization:\n%s", buffer.getvalue().strip())
+    ort_log = logging.getLogger("onnxruntime.quantization")
+    held = logging.handlers.MemoryHandler(capacity=1 << 16, flushLevel=logging.CRITICAL + 1)
+    propagate = ort_log.propagate
+    ort_log.addHandler(held)
+    ort_log.propagate = False
+    try:
+        with contextlib.redirect_stdout(buffer):
+            yield
+    finally:
+        ort_log.removeHandler(held)
+        ort_log.propagate = propagate
+        said = [buffer.getvalue().strip(), *(r.getMessage() for r in held.buffer)]
+        if any(said):
+            log.debug("onnxruntime.quantization:\n%s", "\n".join(filter(None, said)))
 
 
 def _ort_enums(settings: QuantSettings) -> tuple[Any, Any, Any]:
@@ -308,7 +323,8 @@ def preprocess_for_quantization(model: Path, output: Path, *, shown_as: Path | N
 
     shown = shown_as or model
     try:
-        quant_pre_process(str(model), str(output))
+        with _quiet():
+            quant_pre_process(str(model), str(output))
     except Exception as exc:
         raise UserError(f"{shown}: onnxruntime cannot prepare it for quantization "
                         f"({_scrubbed(exc, output.parent, shown)})") from None
@@ -440,18 +456,19 @@ def _accuracy(logits: np.ndarray, targets: np.ndarray) -> tuple[float, float]:
     return hits(logits, targets, 1) / len(targets), hits(logits, targets, 5) / len(targets)
 
 
-def _run(model: Path, inputs: np.ndarray, batch_size: int, *,
+def _run(model: Path, inputs: np.ndarray, batch_size: int, *, output: str | None = None,
          simulate: bool = False, shown_as: Path | None = None) -> np.ndarray:
     config = SessionConfig(simulate_int8=simulate)
     label = None if shown_as is None else f"the INT8 model quantized from {shown_as}"
-    return run_batched(OrtBackend(model, "cpu", config, label=label), inputs, batch_size)
+    backend = OrtBackend(model, "cpu", config, label=label, output=output)
+    return run_batched(backend, inputs, batch_size)
 
 
 def sensitivity(pre: Path, cache: Path, settings: QuantSettings, candidates: Sequence[str],
                 inputs: np.ndarray, reference: np.ndarray, workdir: Path, *,
                 batch_size: int = DEFAULT_BATCH, progress: bool = False,
-                op_types: dict[str, str] | None = None,
-                simulate: bool = False) -> list[dict[str, Any]]:
+                op_types: dict[str, str] | None = None, simulate: bool = False,
+                output: str | None = None) -> list[dict[str, Any]]:
     """Per-node sensitivity: the output error when only that node is quantized.
 
     Costs one quantize and one run per node (about a second each for ResNet-18 on two
@@ -465,7 +482,8 @@ def sensitivity(pre: Path, cache: Path, settings: QuantSettings, candidates: Seq
     for node in tqdm(candidates, desc="sensitivity", unit="node", disable=not progress,
                      leave=False):
         quantize_with_ranges(pre, cache, path, settings, only=[node])
-        cmp = compare(reference, _run(path, inputs, batch_size, simulate=simulate))
+        cmp = compare(reference, _run(path, inputs, batch_size, simulate=simulate,
+                                      output=output))
         rows.append({"node": node, "op_type": (op_types or {}).get(node, "?"),
                      "error": round_sig(1.0 - cmp.cosine_mean),
                      "cosine_mean": round_sig(cmp.cosine_mean),
@@ -500,13 +518,14 @@ class FallbackOutcome:
 def keep_sensitive_in_fp32(pre: Path, cache: Path, int8: Path, settings: QuantSettings,
                            options: QuantizeOptions, op_types: dict[str, str],
                            inputs: np.ndarray, targets: np.ndarray,
-                           reference: np.ndarray, *, simulate: bool = False) -> FallbackOutcome:
+                           reference: np.ndarray, *, simulate: bool = False,
+                           output: str | None = None) -> FallbackOutcome:
     """Measure INT8 top-1 on labelled images; while it misses --max-top1-drop, re-quantize
     ``int8`` with the next most sensitive node kept in FP32, up to --max-fallback nodes."""
     fp32_top1, _ = _accuracy(reference, targets)
 
     def measure(nodes: tuple[str, ...]) -> tuple[FallbackStep, np.ndarray]:
-        logits = _run(int8, inputs, options.batch_size, simulate=simulate)
+        logits = _run(int8, inputs, options.batch_size, simulate=simulate, output=output)
         top1, top5 = _accuracy(logits, targets)
         return FallbackStep(nodes, top1, top5, 100 * (fp32_top1 - top1)), logits
 
@@ -520,7 +539,8 @@ def keep_sensitive_in_fp32(pre: Path, cache: Path, int8: Path, settings: QuantSe
     chosen = seeded_subset(list(range(len(inputs))), SENSITIVITY_SAMPLES, options.seed)
     table = sensitivity(pre, cache, settings, candidates, inputs[chosen],
                         reference[chosen], int8.parent, batch_size=options.batch_size,
-                        progress=options.progress, op_types=op_types, simulate=simulate)
+                        progress=options.progress, op_types=op_types, simulate=simulate,
+                        output=output)
     nodes: tuple[str, ...] = ()
     for row in table[:options.max_fallback]:
         nodes = (*nodes, row["node"])
@@ -543,7 +563,8 @@ def _metadata(file: ModelFile, spec: PreprocessSpec) -> ModelMetadata:
 
     return ModelMetadata(preprocess=spec, labels=None, weights={"source": "unknown"},
                          exporter="unknown", opset=file.opset,
-                         versions={"onnxruntime": onnxruntime.__version__})
+                         versions={"onnxruntime": onnxruntime.__version__},
+                         output={"name": file.io.output_name, "kind": "logits"})
 
 
 def simulated_check(settings: QuantSettings, cpu: dict[str, Any] | None = None) -> str | None:
@@ -578,6 +599,7 @@ def _prepare(model: Path, file: ModelFile, options: QuantizeOptions, workdir: Pa
     names, and --exclude resolved to nodes."""
     import onnx
 
+    create_session(model, "cpu")  # onnxruntime must run it: else say so, naming this file
     source = model
     if file.opset < MIN_OPSET:
         source = workdir / "opset13.onnx"
@@ -624,13 +646,15 @@ def _check(model: Path, file: ModelFile, prepared: _Prepared, cache: Path, int8:
         notes.append(f"the verdict rests on few photos: {held_out} held out (under "
                      f"{FEW_PHOTOS}), so one disagreement moves top-1 agreement by "
                      f"{100 / held_out:.2f} points; check on more photos for a firmer one")
-    reference = _run(model, evalset.inputs, options.batch_size)
-    logits = _run(int8, evalset.inputs, options.batch_size, simulate=simulate, shown_as=model)
+    output = file.io.output_name
+    reference = _run(model, evalset.inputs, options.batch_size, output=output)
+    logits = _run(int8, evalset.inputs, options.batch_size, output=output, simulate=simulate,
+                  shown_as=model)
     fallback, accuracy = FallbackOutcome(), None
     if evalset.targets is not None:
         fallback = keep_sensitive_in_fp32(prepared.path, cache, int8, settings, options,
                                           prepared.op_types, evalset.inputs, evalset.targets,
-                                          reference, simulate=simulate)
+                                          reference, simulate=simulate, output=output)
         assert fallback.logits is not None  # it measured at least the plain model
         logits = fallback.logits
         accuracy = fallback.accuracy(reference, evalset.targets, options.max_top1_drop)
@@ -694,7 +718,7 @@ def quantize(model: str | Path, calibration: str | Path, output: str | Path | No
     output = Path(output) if output is not None else default_output(model)
     if output.resolve() == model.resolve():
         raise UserError(f"{output}: the output would overwrite the FP32 input; choose another -o")
-    file = ModelFile.read(model)
+    file = ModelFile.read(model, options.output_name)
     if file.precision != "fp32":
         raise UserError(f"{model}: is already {file.precision.upper()}; pass the FP32 model it "
                         "was made from (quantizing from FP16 or INT8 would compound the rounding)")

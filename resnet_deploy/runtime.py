@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from abc import ABC, abstractmethod
 from collections import Counter
 from dataclasses import dataclass
@@ -137,15 +138,25 @@ def create_session(model: str | Path, provider: str = "cpu",
     try:
         session = ort.InferenceSession(source, opts, providers=_provider_chain(full, config))
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0][:200].replace(str(model), str(shown))
         raise UserError(f"{shown}: ONNX Runtime cannot load it on {short_provider(full)} "
-                        f"({reason})") from None
+                        f"({ort_reason(exc)})") from None
     if full not in session.get_providers():
         raise ProviderUnavailable(
             f"onnxruntime dropped {full} while creating the session for {shown} and would "
             f"have run on {', '.join(session.get_providers())}; its CUDA/cuDNN libraries "
             f"probably failed to load; to fix: {GPU_INSTALL_HINT}")
     return session
+
+
+def ort_reason(exc: BaseException, limit: int = 240) -> str:
+    """What onnxruntime says went wrong, without its boilerplate: ``[ONNXRuntimeError] : 1 :
+    FAIL : Load model from PATH failed:`` and source locations go; the reason stays."""
+    text = " ".join(str(exc).split())
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+    text = re.sub(r"^Load model from .*? failed:", "", text)
+    text = re.sub(r"/onnxruntime_src/\S+ \S+ onnxruntime::\S+\([^)]*\)\s*", "", text)
+    text = text.replace("Fatal error: ", "").strip()
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
 
 
 def node_placement(session: ort.InferenceSession) -> dict[str, int]:
@@ -201,13 +212,14 @@ def int8_weight_peak(model: onnx.ModelProto) -> int | None:
 
 @dataclass(frozen=True)
 class GraphIO:
-    """The image input and logits output a graph declares (None: a dynamic dimension)."""
+    """The image input and the output a graph is read at (None: a dynamic dimension)."""
 
     input_name: str
     batch: int | None
     height: int | None
     width: int | None
-    classes: int | None
+    classes: int | None  # the chosen output's width: classes, or the embedding's size
+    output_name: str = ""
 
 
 def tensor_dims(value_info: onnx.ValueInfoProto) -> list[int | None]:
@@ -216,7 +228,37 @@ def tensor_dims(value_info: onnx.ValueInfoProto) -> list[int | None]:
             for d in value_info.type.tensor_type.shape.dim]
 
 
-def graph_io(model: onnx.ModelProto, source: str | Path) -> GraphIO:
+def choose_output(model: onnx.ModelProto, meta: ModelMetadata | None, source: str | Path,
+                  requested: str | None = None) -> onnx.ValueInfoProto:
+    """The output to read, chosen on purpose: ``requested``, else the one the metadata
+    records, else the single 2-D output. Several candidates and no choice is an error
+    naming them, never a silent pick of the first."""
+    outputs = {o.name: o for o in model.graph.output}
+    fix = "export it with 'resnet-deploy export'"
+    if not outputs:
+        raise UserError(f"{source}: the model has no output; {fix}")
+    if requested is not None:
+        if requested not in outputs:
+            raise UserError(f"{source}: has no output {requested!r}; its outputs are "
+                            f"{', '.join(outputs)}")
+        chosen = outputs[requested]
+    elif meta is not None and meta.output is not None and meta.output["name"] in outputs:
+        chosen = outputs[meta.output["name"]]
+    else:
+        flat = [o for o in outputs.values() if len(tensor_dims(o)) == 2]
+        if len(flat) > 1:
+            raise UserError(f"{source}: has {len(flat)} outputs that could be the logits "
+                            f"({', '.join(o.name for o in flat)}); choose one with "
+                            "--output-name NAME")
+        chosen = flat[0] if flat else next(iter(outputs.values()))
+    if len(tensor_dims(chosen)) != 2:
+        raise UserError(f"{source}: output {chosen.name!r} has {len(tensor_dims(chosen))} "
+                        f"dimensions; expected (N, classes) logits; {fix}")
+    return chosen
+
+
+def graph_io(model: onnx.ModelProto, source: str | Path, meta: ModelMetadata | None = None,
+             output_name: str | None = None) -> GraphIO:
     """Check that the graph takes one NCHW float32 RGB image batch and gives 2-D logits."""
     import onnx
 
@@ -237,14 +279,9 @@ def graph_io(model: onnx.ModelProto, source: str | Path) -> GraphIO:
         raise UserError(f"{source}: input {image.name!r} has shape "
                         f"{[d if d is not None else '?' for d in dims]}; expected NCHW with 3 "
                         f"channels (N, 3, H, W); {fix}")
-    if not model.graph.output:
-        raise UserError(f"{source}: the model has no output; {fix}")
-    out = tensor_dims(model.graph.output[0])
-    if len(out) != 2:
-        raise UserError(f"{source}: output {model.graph.output[0].name!r} has "
-                        f"{len(out)} dimensions; expected (N, classes) logits; {fix}")
+    output = choose_output(model, meta, source, output_name)
     return GraphIO(image.name, dims[0] or None, dims[2] or None, dims[3] or None,
-                   out[1] or None)
+                   tensor_dims(output)[1] or None, output.name)
 
 
 @dataclass(frozen=True)
@@ -261,15 +298,23 @@ class ModelFile:
     int8_peak: int | None = None
 
     @classmethod
-    def read(cls, path: str | Path) -> ModelFile:
-        return cls.from_proto(load_onnx(path), path)
+    def read(cls, path: str | Path, output_name: str | None = None) -> ModelFile:
+        """``output_name``: the output to read when the graph has several candidates."""
+        return cls.from_proto(load_onnx(path), path, output_name)
 
     @classmethod
-    def from_proto(cls, proto: onnx.ModelProto, path: str | Path) -> ModelFile:
+    def from_proto(cls, proto: onnx.ModelProto, path: str | Path,
+                   output_name: str | None = None) -> ModelFile:
         """The same checks on an already-parsed model (callers that edit it keep the proto)."""
         opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
-        return cls(Path(path), metadata_from_proto(proto, path), model_precision(proto),
-                   graph_io(proto, path), opset, int8_weight_peak(proto))
+        meta = metadata_from_proto(proto, path)
+        return cls(Path(path), meta, model_precision(proto),
+                   graph_io(proto, path, meta, output_name), opset, int8_weight_peak(proto))
+
+    def backend(self, provider: str = "cpu", config: SessionConfig = SessionConfig(),
+                ) -> OrtBackend:
+        """A backend that reads this model at its chosen output."""
+        return OrtBackend(self.path, provider, config, output=self.io.output_name)
 
     def spec(self, override: PreprocessSpec | None = None) -> PreprocessSpec:
         """The preprocessing to feed it (``override`` wins), checked against the graph."""
@@ -332,9 +377,13 @@ class Backend(ABC):
 
 
 class OrtBackend(Backend):
+    """``output``: the graph output read (None: the first, for a single-output model)."""
+
     def __init__(self, model: str | Path, provider: str = "cpu",
-                 config: SessionConfig = SessionConfig(), *, label: str | None = None) -> None:
+                 config: SessionConfig = SessionConfig(), *, label: str | None = None,
+                 output: str | None = None) -> None:
         self.session = create_session(model, provider, config, label=label)
+        self.outputs = [output] if output else None
         self.model = str(model)
         self.provider = short_provider(provider_name(provider))
         self.name = f"{Path(model).name}@{self.provider}"
@@ -353,7 +402,7 @@ class OrtBackend(Backend):
         return np.concatenate(outputs)
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: batch})[0].astype(np.float32)
+        return self.session.run(self.outputs, {self.input_name: batch})[0].astype(np.float32)
 
 
 def fill_batch(batch: np.ndarray, size: int) -> np.ndarray:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,12 @@ CIFAR_CKPT = SHARED / "cifar10-resnet18" / "resnet18_cifar10_64.pth"
 CIFAR_DEV = SHARED / "cifar10-dev"
 CIFAR_CALIB = SHARED / "cifar10-calib"
 IMAGENET_SAMPLES = SHARED / "imagenet-samples"
+
+
+def cli_command() -> list[str]:
+    """How a user runs the command: the installed script, else ``python -m resnet_deploy``."""
+    script = Path(sys.executable).with_name("resnet-deploy")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "resnet_deploy"]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

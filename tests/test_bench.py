@@ -22,7 +22,7 @@ from resnet_deploy.cli import main
 from resnet_deploy.errors import ProviderUnavailable, UserError
 from resnet_deploy.model import weights_for
 
-from .conftest import assert_names_machine
+from .conftest import assert_names_machine, cli_command
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULT_KEYS = {"model", "provider", "batch_size", "p10_ms", "p50_ms", "p90_ms", "p99_ms",
@@ -238,20 +238,15 @@ def test_plot_without_matplotlib_fails_before_measuring(random_onnx: Path, tmp_p
     assert time.perf_counter() - start < 2 and not (tmp_path / "p.png").exists()
 
 
-def _cli_command() -> list[str]:
-    script = Path(sys.executable).with_name("resnet-deploy")
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "resnet_deploy.cli"]
-
-
 def test_help_starts_fast_and_imports_no_heavy_module() -> None:
     best = float("inf")
     for _ in range(3):
         start = time.perf_counter()
-        subprocess.run([*_cli_command(), "--help"], check=True, capture_output=True)
+        subprocess.run([*cli_command(), "--help"], check=True, capture_output=True)
         best = min(best, time.perf_counter() - start)
     assert best < 0.5, f"resnet-deploy --help took {best:.2f}s (best of 3)"
-    code = ("import sys, resnet_deploy.cli; "
-            "print(sorted({'torch', 'onnxruntime', 'onnx', 'matplotlib'} & set(sys.modules)))")
+    code = ("import sys, resnet_deploy.cli; print(sorted({'torch', 'onnxruntime', 'onnx', "
+            "'matplotlib', 'numpy'} & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
                          text=True).stdout.strip()
     assert out == "[]"

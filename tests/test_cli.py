@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "resnet_deploy"
 # Each module may import only modules earlier in this list (data flows one way).
 FLOW = ["choices", "errors", "machine", "files", "resnet", "preprocess", "card", "model", "layers",
         "runtime", "metrics", "report", "export", "fp16", "calibration", "quantize", "parity",
-        "evaluate", "bench", "package", "pipeline", "cli"]
+        "evaluate", "bench", "package", "manifest", "pipeline", "verify", "cli", "__main__"]
 
 
 @pytest.mark.parametrize("name", sorted(main.commands))
@@ -55,4 +55,5 @@ def test_cli_modules_stay_thin(path: Path) -> None:
     assert len(path.read_text().splitlines()) <= 350, f"{path.name} is over 350 lines"
     assert "cli" not in _imports(path, 2)
     for module in PACKAGE.glob("*.py"):
-        assert "cli" not in _imports(module, 1), f"{module.name} imports the CLI"
+        if module.stem != "__main__":  # the console script's entry point starts the CLI
+            assert "cli" not in _imports(module, 1), f"{module.name} imports the CLI"

@@ -8,7 +8,9 @@ case is meant to write.
 
 Categories: 1 input tensor does not fit, 2 static batch, 3 corrupt metadata, 4 images,
 5 colliding outputs, 6 outputs checked late, 7 silently wrong accuracy, 8 tolerances and
-options, 9 signals and noise, 10 the help examples, 11 bounded memory.
+options, 9 signals and noise, 10 the help examples, 11 bounded memory, 12 manifests verify
+trusts nothing of, 13 repositories that must serve, 14 models made elsewhere, 15 images by
+content, 16 a hostile environment, 17 labels beside a checkpoint that do not apply.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from PIL import Image
 
 from resnet_deploy.cli import main
 
-from .conftest import CALIBRATION
+from .conftest import CALIBRATION, cli_command
 
 # Categories whose fixes land separately; their cases are expected to fail until then.
 PENDING: set[int] = set()  # categories whose fixes have not landed yet
@@ -244,14 +246,16 @@ class World:
     def make_manifest(self) -> Path:
         """A manifest recording one artifact, report.md, beside it."""
         from resnet_deploy.model import file_sha256
-        from resnet_deploy.pipeline import FORMAT
+        from resnet_deploy.manifest import FORMAT
 
         (self.inputs / "report.md").write_text("# report\n")
-        record = {"step": "report", "status": "built", "key": "k", "inputs": {},
-                  "options": {}, "outputs": [{"path": "report.md", "sha256":
-                                              file_sha256(self.inputs / "report.md")}]}
+        output = {"path": "report.md", "bytes": 9, "step": "report",
+                  "sha256": file_sha256(self.inputs / "report.md")}
+        record = {"step": "report", "status": "built", "key": "0" * 64, "inputs": {},
+                  "options": {}, "outputs": [output]}
         path = self.inputs / "manifest.json"
-        path.write_text(json.dumps({"format": FORMAT, "steps": {"report": record}}))
+        path.write_text(json.dumps({"format": FORMAT, "steps": {"report": record},
+                                    "artifacts": [output]}))
         return path
 
     def make_nested_manifest(self) -> Path:
@@ -426,6 +430,203 @@ class World:
             shutil.copy(photo, root / f"class{i % 3}")
         return root
 
+    # a pipeline's output folder, and manifests tampered with
+    def make_pipe(self) -> Path:
+        """A copy of one small pipeline run (from a checkpoint), its calibration photos
+        copied too and the manifest pointed at them, so a case may change them."""
+        from resnet_deploy.manifest import digest
+
+        def build(target: Path) -> None:
+            photos = Path(shutil.copytree(CALIBRATION, target.parent / "pipe_photos"))
+            result = CliRunner().invoke(main, [
+                "pipeline", "--weights", self["ckpt"], "--input-size", "32", "--exporter",
+                "torchscript", "--calibration", str(photos), "--num-samples", "8",
+                "--bench-iterations", "2", "--min-top1", "0", "--min-cosine", "0",
+                "-o", str(target)])
+            assert result.exit_code == 0, result.output
+        if not (self.shared / "pipe").exists():
+            build(self.shared / "pipe")
+        # Copies, not hard links: a case may change what the manifest records.
+        pipe = Path(shutil.copytree(self.shared / "pipe", self.inputs / "pipe"))
+        photos = Path(shutil.copytree(self.shared / "pipe_photos",
+                                      self.inputs / "photos_of_pipe"))
+        manifest = pipe / "manifest.json"
+        data = json.loads(manifest.read_text())
+        for record in data["steps"].values():
+            for entry in record["inputs"].values():
+                if entry.get("kind") == "folder":
+                    entry["path"] = str(photos)
+                    assert digest(entry["files"]) == entry["sha256"]
+        manifest.write_text(json.dumps(data))
+        return pipe
+
+    def _manifest(self, name: str, change: Callable[[dict], None]) -> Path:
+        manifest = self.path("pipe") / "manifest.json"
+        data = json.loads(manifest.read_text())
+        change(data)
+        target = self.path("pipe") / f"{name}.json"
+        target.write_text(json.dumps(data))
+        return target
+
+    def make_no_steps(self) -> Path:
+        return self._manifest("no_steps", lambda d: d.update(steps={}))
+
+    def make_twice_steps(self) -> Path:
+        path = self.path("pipe") / "twice.json"
+        text = (self.path("pipe") / "manifest.json").read_text()
+        path.write_text(text[:-1] + ', "steps": {}}')
+        return path
+
+    def make_negative_bytes(self) -> Path:
+        return self._manifest("negative", lambda d: d["steps"]["export"]["outputs"][0]
+                              .update(bytes=-5))
+
+    def make_string_bytes(self) -> Path:
+        return self._manifest("string", lambda d: d["steps"]["export"]["outputs"][0]
+                              .update(bytes="big"))
+
+    def make_summary_sha(self) -> Path:
+        return self._manifest("summary_sha", lambda d: d["artifacts"][0].update(sha256="a" * 64))
+
+    def make_summary_passwd(self) -> Path:
+        return self._manifest("summary_passwd", lambda d: d["artifacts"][0].update(
+            path="/etc/passwd"))
+
+    def make_unknown_step(self) -> Path:
+        return self._manifest("unknown_step", lambda d: d["steps"].update(
+            deploy=d["steps"]["report"] | {"step": "deploy"}))
+
+    def make_zero_photo(self) -> Path:
+        def change(data: dict) -> None:
+            files = data["steps"]["quantize"]["inputs"]["calibration"]["files"]
+            files[sorted(files)[0]] = "0" * 64
+        return self._manifest("zero_photo", change)
+
+    def make_zero_photo_rehashed(self) -> Path:
+        """The same forgery with the folder's own hash made to match its file list."""
+        from resnet_deploy.manifest import digest
+
+        def change(data: dict) -> None:
+            entry = data["steps"]["quantize"]["inputs"]["calibration"]
+            entry["files"][sorted(entry["files"])[0]] = "0" * 64
+            entry["sha256"] = digest(entry["files"])
+        return self._manifest("zero_rehashed", change)
+
+    def make_gone_checkpoint(self) -> Path:
+        return self._manifest("gone_checkpoint", lambda d: d["steps"]["export"]["inputs"][
+            "weights"].update(path=str(self.root / "renamed" / "weights.pth")))
+
+    def make_gone_photo(self) -> Path:
+        manifest = self.path("pipe") / "manifest.json"
+        (self.path("photos_of_pipe") / "coffee.jpg").unlink()
+        return manifest
+
+    def make_photos_of_pipe(self) -> Path:
+        self["pipe"]
+        return self.inputs / "photos_of_pipe"
+
+    # models that serve badly, or were made elsewhere
+    def make_external(self) -> Path:
+        """The model with its weights in a side file, ``external.onnx.data``."""
+        target = self.inputs / "external.onnx"
+        onnx.save(onnx.load(self["model"]), str(target), save_as_external_data=True,
+                  all_tensors_to_one_file=True, location="external.onnx.data")
+        return target
+
+    def make_external_alone(self) -> Path:
+        """A model whose side file was left behind."""
+        folder = self.inputs / "alone"
+        folder.mkdir()
+        return Path(shutil.copy(self["external"], folder))
+
+    def make_opset30(self) -> Path:
+        def change(model: onnx.ModelProto) -> None:
+            next(o for o in model.opset_import if o.domain in ("", "ai.onnx")).version = 30
+        return self._variant("opset30", change)
+
+    def make_custom_op(self) -> Path:
+        """A graph with an operator of a domain onnxruntime does not have."""
+        def change(model: onnx.ModelProto) -> None:
+            model.opset_import.append(onnx.helper.make_opsetid("com.example", 1))
+            relu = next(n for n in model.graph.node if n.op_type == "Relu")
+            relu.op_type, relu.domain = "Sparkle", "com.example"
+        return self._variant("custom_op", change)
+
+    def make_opset11(self) -> Path:
+        """An opset-11 export with no resnet-deploy metadata, as older tools write it."""
+        def build(target: Path) -> None:
+            import torch
+
+            from resnet_deploy.model import load_model
+
+            model, _ = load_model("random", num_classes=10, seed=0)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation
+                torch.onnx.export(model, (torch.zeros(1, 3, 64, 64),), str(target), dynamo=False,
+                                  opset_version=11, input_names=["input"],
+                                  output_names=["logits"],
+                                  dynamic_axes={"input": {0: "n"}, "logits": {0: "n"}})
+        return self._shared("opset11.onnx", build)
+
+    def _two_outputs(self, name: str, keep_metadata: bool) -> Path:
+        def change(model: onnx.ModelProto) -> None:
+            gemm = next(n for n in model.graph.node if n.op_type == "Gemm")
+            features = onnx.helper.make_tensor_value_info(gemm.input[0], onnx.TensorProto.FLOAT,
+                                                          ["batch", 512])
+            logits = list(model.graph.output)
+            del model.graph.output[:]
+            model.graph.output.extend([features, *logits])
+            if not keep_metadata:
+                keep = [p for p in model.metadata_props if p.key != "resnet_deploy"]
+                del model.metadata_props[:]
+                model.metadata_props.extend(keep)
+        return self._variant(name, change)
+
+    def make_two_outputs(self) -> Path:
+        return self._two_outputs("two_outputs", keep_metadata=True)
+
+    def make_two_outputs_bare(self) -> Path:
+        return self._two_outputs("two_outputs_bare", keep_metadata=False)
+
+    # image folders judged by content
+    def make_gif_labelled(self) -> Path:
+        root = self._classes("gif_labelled", [f"class{i}" for i in range(10)])
+        frames = [Image.fromarray(np.full((40, 50, 3), v, np.uint8)) for v in (30, 200)]
+        frames[0].save(root / "class0" / "moving.gif", save_all=True,
+                       append_images=frames[1:], duration=100, loop=0)
+        return root
+
+    def make_mixed_photos(self) -> Path:
+        """Photos, one saved with no extension, one as GIF, and notes that are not images."""
+        folder = self._noise("mixed_photos", 10)
+        shutil.copy(folder / "img0.png", folder / "no_suffix")
+        Image.open(folder / "img1.png").convert("P").save(folder / "frame.gif")
+        (folder / "LABELS.md").write_text("| photo | class |\n")
+        (folder / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+        return folder
+
+    def make_undecodable_gif(self) -> Path:
+        folder = self._noise("undecodable_gif", 10)
+        (folder / "broken.gif").write_bytes(b"GIF89a" + b"\x00" * 10)
+        return folder
+
+    # checkpoints whose labels beside them do not apply
+    def make_ckpt_wrong_labels(self) -> Path:
+        folder = self.inputs / "wrong_labels"
+        folder.mkdir()
+        (folder / "labels.txt").write_text("cat\ndog\nbird\n")
+        return self._link(self["ckpt"], "wrong_labels/weights.pth")
+
+    def make_ckpt_renamed(self) -> Path:
+        folder = self.inputs / "renamed_ckpt"
+        folder.mkdir()
+        (folder / "model.json").write_text(json.dumps({
+            "file": "original.pth", "input_size": 32, "classes": [f"k{i}" for i in range(10)]}))
+        return self._link(self["ckpt"], "renamed_ckpt/weights.pth")
+
+    def make_gone_cwd(self) -> Path:
+        return self.root / "gone"
+
 
 # ---------------------------------------------------------------- what a case asserts
 
@@ -440,6 +641,7 @@ class Case:
     interrupt: tuple[str, int] | None = None  # (module.attr, signal) sent when it is called
     spy: tuple[str, ...] = ()  # "module.Class.method" whose batch sizes are recorded
     check: Callable[[World, Result], None] | None = None
+    cwd: str = "{out}"  # the working folder (formatted); "{gone_cwd}" is deleted first
 
 
 _HASHES: dict[tuple[int, ...], str] = {}
@@ -543,7 +745,13 @@ def _assert_stderr(case: Case, result: Result, world: World) -> None:
 def _run_case(case: Case, world: World, monkeypatch: pytest.MonkeyPatch) -> Result:
     args = [word.format_map(world) for word in case.args.split()]
     creates = {os.path.relpath(c.format_map(world), world.root) for c in case.creates}
-    monkeypatch.chdir(world.out)
+    cwd = Path(case.cwd.format_map(world))
+    if cwd == world.path("gone_cwd"):
+        cwd.mkdir()
+        monkeypatch.chdir(cwd)
+        cwd.rmdir()  # the shell stays in a folder that no longer exists
+    else:
+        monkeypatch.chdir(cwd)
     monkeypatch.setenv("TMPDIR", str(world.tmp))
     monkeypatch.setattr(tempfile, "tempdir", None)  # tempfile caches $TMPDIR
     for dotted in case.spy:
@@ -928,6 +1136,88 @@ CASES = [
          "--labels {bom_labels} -o {out}/e.onnx", 0, creates=("{out}/e.onnx",),
          check=lambda world, result: _labels_are(world, ["cat", "dog"])),
 
+    # 12 verify trusts nothing it reads: schema errors are exit 2, forgeries exit 1
+    Case("verify-no-steps", 12, "verify {no_steps}", 2, says=("{no_steps}", "no step")),
+    Case("verify-steps-twice", 12, "verify {twice_steps}", 2, says=("appears twice",)),
+    Case("verify-negative-bytes", 12, "verify {negative_bytes}", 2, says=("non-negative",)),
+    Case("verify-string-bytes", 12, "verify {string_bytes}", 2, says=("non-negative",)),
+    Case("verify-summary-wrong-sha", 12, "verify {summary_sha}", 1,
+         says=("artifacts summary",)),
+    Case("verify-summary-etc-passwd", 12, "verify {summary_passwd}", 2,
+         says=("'/etc/passwd'",)),
+    Case("verify-unknown-step", 12, "verify {unknown_step}", 2, says=("'deploy'",)),
+    Case("verify-photo-hash-zeroed", 12, "verify {zero_photo}", 1,
+         says=("modified record", "calibration")),
+    Case("verify-photo-hash-zeroed-and-rehashed", 12, "verify {zero_photo_rehashed}", 1,
+         says=("stale", "calibration changed")),
+    Case("verify-checkpoint-renamed-away", 12, "verify {gone_checkpoint}", 1,
+         says=("missing input:", "weights.pth (export)")),
+    Case("verify-photo-deleted", 12, "verify {gone_photo}", 1,
+         says=("missing input:", "coffee.jpg (quantize)")),
+    Case("verify-holds", 12, "verify {pipe}/manifest.json --json {out}/v.json", 0,
+         creates=("{out}/v.json",), check=lambda world, result: _verified(world)),
+
+    # 13 package writes only what Triton plus onnxruntime can load
+    Case("package-external-data-inlined", 13, "package --model {external} -o {out}/repo", 0,
+         creates=tuple(f"{{out}}/repo/{f}" for f in (
+             "README.md", "external/config.pbtxt", "external/labels.txt",
+             "external/1/model.onnx")),
+         check=lambda world, result: _serves(world, "external")),
+    Case("package-external-data-missing", 13, "package --model {external_alone} "
+         "-o {out}/repo", 2, says=("external.onnx.data",)),
+    Case("package-opset-30", 13, "package --model {opset30} -o {out}/repo", 2,
+         says=("{opset30}", "opset 30")),
+    Case("package-unknown-operator", 13, "package --model {custom_op} -o {out}/repo", 2,
+         says=("{custom_op}", "Sparkle")),
+
+    # 14 models made elsewhere: converted, chosen on purpose, named as the user's file
+    Case("quantize-opset-11", 14, "quantize --model {opset11} --calibration {photos} "
+         "--input-size 64 -o {out}/q.onnx", 0, creates=("{out}/q.onnx",)),
+    Case("quantize-opset-30-names-the-file", 14, "quantize --model {opset30} "
+         "--calibration {photos} -o {out}/q.onnx", 2, says=("{opset30}", "Opset 30"),
+         check=lambda world, result: _no_temp_path(world, result)),
+    Case("evaluate-two-outputs-bare", 14, "evaluate --model {two_outputs_bare} --images "
+         "{labelled10} --input-size 64", 2, says=("2 outputs", "--output-name")),
+    Case("parity-two-outputs-bare", 14, "parity --model {two_outputs_bare} --random 2 "
+         "--weights random --input-size 64", 2, says=("--output-name",)),
+    Case("evaluate-two-outputs-chosen", 14, "evaluate --model {two_outputs_bare} --images "
+         "{labelled10} --input-size 64 --output-name logits", 0),
+    Case("evaluate-two-outputs-by-metadata", 14, "evaluate --model {two_outputs} --images "
+         "{labelled10}", 0),
+    Case("quantize-two-outputs-unknown-name", 14, "quantize --model {two_outputs} "
+         "--calibration {photos} --output-name scores -o {out}/q.onnx", 2,
+         says=("'scores'", "logits")),
+
+    # 15 images are what Pillow can open, whatever their name
+    Case("evaluate-counts-an-animated-gif", 15, "evaluate --model {model} --images "
+         "{gif_labelled} --strict --json {out}/acc.json", 0, creates=("{out}/acc.json",),
+         check=lambda world, result: _evaluated(world, 21)),
+    Case("quantize-counts-by-content", 15, "quantize --model {model} --calibration "
+         "{mixed_photos} --no-check -o {out}/q.onnx --json {out}/q.json", 0,
+         creates=("{out}/q.onnx", "{out}/q.json"),
+         check=lambda world, result: _calibrated(world, 12, result)),
+    Case("quantize-strict-undecodable-gif", 15, "quantize --model {model} --calibration "
+         "{undecodable_gif} --strict --no-check -o {out}/q.onnx", 2, says=("broken.gif",)),
+    Case("quantize-undecodable-gif-warns", 15, "quantize --model {model} --calibration "
+         "{undecodable_gif} --no-check -o {out}/q.onnx", 0, creates=("{out}/q.onnx",),
+         check=_one_skip_warning),
+
+    # 16 a hostile environment: the working folder deleted under the shell
+    Case("export-working-folder-gone", 16, "export --weights random --num-classes 10 "
+         "--input-size 64 -o e.onnx", 2, cwd="{gone_cwd}", says=("working folder",)),
+    Case("parity-working-folder-gone", 16, "parity --model {model} --random 2", 2,
+         cwd="{gone_cwd}", says=("working folder",)),
+
+    # 17 labels beside a checkpoint that do not apply: one warning, saying why
+    Case("export-labels-beside-wrong-count", 17, "export --weights {ckpt_wrong_labels} "
+         "--input-size 64 --exporter torchscript --simplify none --parity-images {few} "
+         "-o {out}/e.onnx", 0, creates=("{out}/e.onnx",),
+         check=lambda world, result: _warned_once(result, "lists 3 classes", "ignoring")),
+    Case("export-card-of-a-renamed-checkpoint", 17, "export --weights {ckpt_renamed} "
+         "--exporter torchscript --simplify none --parity-images {few} -o {out}/e.onnx", 0,
+         creates=("{out}/e.onnx",),
+         check=lambda world, result: _warned_once(result, 'its "file" names original.pth')),
+
     # 11 memory does not grow with the image count: every backend sees --batch-size
     Case("parity-torch-streams", 11, "parity --model {model} --images {photos} --weights random "
          "--batch-size 2", 0, spy=("resnet_deploy.runtime.TorchBackend.infer",
@@ -937,6 +1227,39 @@ CASES = [
          "--batch-size 3", 0, spy=("resnet_deploy.runtime.OrtBackend.infer",),
          check=_batches_within(3)),
 ]
+
+
+def _verified(world: World) -> None:
+    data = _json(world, "v.json")
+    assert data["passed"] and data["checked"] >= 5 and data["inputs"] >= 17, data
+
+
+def _serves(world: World, name: str) -> None:
+    import onnxruntime as ort
+
+    model = world.out / "repo" / name / "1" / "model.onnx"
+    assert sorted(p.name for p in model.parent.iterdir()) == ["model.onnx"]
+    onnx.checker.check_model(str(model))
+    ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+
+
+def _no_temp_path(world: World, result: Result) -> None:
+    assert "rd-quant-" not in result.output and str(world.tmp) not in result.output
+
+
+def _evaluated(world: World, count: int) -> None:
+    assert _json(world, "acc.json")["models"][0]["n"] == count
+
+
+def _calibrated(world: World, count: int, result: Result) -> None:
+    data = _json(world, "q.json")
+    assert data["num_calibration"] == count and data["skipped"] == 0, data
+    assert "skipped" not in result.stderr
+
+
+def _warned_once(result: Result, *words: str) -> None:
+    lines = [line for line in result.stderr.splitlines() if all(w in line for w in words)]
+    assert len(lines) == 1 and lines[0].startswith("warning: "), result.stderr
 
 
 def _labels_are(world: World, expected: list[str]) -> None:
@@ -970,7 +1293,7 @@ def test_campaign_covers_every_category_and_command() -> None:
     commands = {c.args.split()[0] for c in CASES}
     assert commands == {"export", "quantize", "parity", "evaluate", "bench", "convert-fp16",
                         "pipeline", "package", "verify"}
-    assert {c.category for c in CASES} == set(range(1, 12))
+    assert {c.category for c in CASES} == set(range(1, 18))
     assert len(CASES) >= 60 and len({c.id for c in CASES}) == len(CASES)
 
 
@@ -1010,3 +1333,48 @@ def test_load_image_refuses_bombs_and_odd_names(tmp_path: Path) -> None:
     odd = Path(os.fsdecode(os.fsencode(tmp_path) + b"/\xe9\xff.png"))
     _photo(odd, 1)
     assert load_image(odd).size == (50, 40)
+
+
+# A signal at any moment: a real process (the installed script), signalled after each delay,
+# ends with the signal's code, one error line, no traceback, and nothing left behind.
+MOMENTS = [("export", INT, 0.3), ("export", TERM, 1.0), ("export", INT, 2.5),
+           ("export", TERM, 4.0), ("export", INT, 6.0), ("pipeline", TERM, 2.0),
+           ("pipeline", INT, 5.0)]
+COMMANDS = {
+    "export": "export --weights random --num-classes 10 --input-size 64 -o {out}/e.onnx",
+    "pipeline": "pipeline --weights random --num-classes 10 --input-size 32 --exporter "
+                "torchscript --calibration " + str(CALIBRATION) + " --num-samples 8 "
+                "--bench-iterations 2 -o {out}/pipe",
+}
+
+
+@pytest.mark.parametrize("command, signum, delay", MOMENTS,
+                         ids=[f"{c}-{signal.Signals(s).name}-{d}s" for c, s, d in MOMENTS])
+def test_a_signal_at_any_moment(command: str, signum: int, delay: float,
+                                tmp_path: Path) -> None:
+    import subprocess
+    import time
+
+    out, tmp = tmp_path / "out", tmp_path / "tmp"
+    out.mkdir()
+    tmp.mkdir()
+    args = COMMANDS[command].format(out=out).split()
+    proc = subprocess.Popen([*cli_command(), *args], cwd=out, text=True,
+                            env={**os.environ, "TMPDIR": str(tmp)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(delay)
+    proc.send_signal(signum)
+    _, stderr = proc.communicate(timeout=120)
+    if proc.returncode == 0:  # it finished first: then its output is whole
+        assert list(out.iterdir()), stderr
+        return
+    assert proc.returncode == 128 + signum, stderr
+    assert TRACEBACK not in stderr
+    errors = [line for line in stderr.splitlines() if line.startswith(ERROR_PREFIXES)]
+    assert len(errors) <= 1, stderr
+    # onnxruntime 1.32 keeps a session-id file, $TMPDIR/.ses (a time stamp and a UUID), that
+    # every run reuses: its own state, written by a finished run as well, not a temp file.
+    left_in_tmp = [p for p in tmp.iterdir() if p.name != ".ses"]
+    assert not left_in_tmp, f"left in $TMPDIR: {left_in_tmp}"
+    left = [p for p in out.rglob("*") if p.is_file() and p.name.startswith(".")]
+    assert not left, f"temp files left: {left}"

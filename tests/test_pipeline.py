@@ -14,7 +14,9 @@ from resnet_deploy import pipeline as pipeline_module
 from resnet_deploy.cli import main
 from resnet_deploy.model import file_sha256
 from resnet_deploy.package import TritonOptions
-from resnet_deploy.pipeline import FORMAT, PipelineOptions, run_pipeline, verify
+from resnet_deploy.manifest import FORMAT
+from resnet_deploy.pipeline import PipelineOptions, run_pipeline
+from resnet_deploy.verify import verify
 from resnet_deploy.card import resolve_preprocess
 
 from .conftest import CALIBRATION

@@ -1,5 +1,5 @@
 """``python -m resnet_deploy.cli``: the same as the ``resnet-deploy`` script."""
 
-from . import main
+from ..__main__ import run
 
-main()
+run()

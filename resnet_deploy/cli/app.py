@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import threading
 import warnings
@@ -28,8 +29,11 @@ class Terminated(BaseException):
 
 
 @contextlib.contextmanager
-def _signals_and_warnings(terminated: threading.Event) -> Iterator[None]:
-    """SIGTERM unwinds like Ctrl-C; a library warning becomes one log line, shown once."""
+def _signals_and_warnings(received: list[int]) -> Iterator[None]:
+    """SIGINT and SIGTERM unwind the command (KeyboardInterrupt, Terminated), and the signal
+    is remembered in ``received``: a library that catches the exception and raises one of
+    its own (an exporter wrapping it in a RuntimeError) still ends in 130 / 143. A library
+    warning becomes one log line, shown once."""
     shown: set[str] = set()
 
     def one_line(message: Warning | str, category: type[Warning], filename: str, lineno: int,
@@ -39,19 +43,20 @@ def _signals_and_warnings(terminated: threading.Event) -> Iterator[None]:
             shown.add(text)
             logging.getLogger("resnet_deploy.warnings").warning(text)
 
-    def terminate(signum: int, frame: FrameType | None) -> None:
-        terminated.set()  # remembered: a library may wrap the exception in one of its own
-        raise Terminated
+    def unwind(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
+        raise KeyboardInterrupt if signum == signal.SIGINT else Terminated
 
     in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, terminate) if in_main else None
+    previous = {s: signal.signal(s, unwind) for s in (signal.SIGINT, signal.SIGTERM)} \
+        if in_main else {}
     try:
         with warnings.catch_warnings():
             warnings.showwarning = one_line
             yield
     finally:
-        if in_main:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 class _UserFormatter(logging.Formatter):
@@ -87,15 +92,16 @@ class Group(click.Group):
     UserError 2, CheckFailed 1, Ctrl-C 130, SIGTERM 143."""
 
     def invoke(self, ctx: click.Context) -> Any:
-        terminated = threading.Event()
+        received: list[int] = []
         try:
-            with _signals_and_warnings(terminated):
+            _working_folder()
+            with _signals_and_warnings(received):
                 return super().invoke(ctx)
         except BaseException as exc:
-            if terminated.is_set():
+            if signal.SIGTERM in received:
                 click.echo("Error: terminated (SIGTERM); no half-written file was left", err=True)
                 ctx.exit(143)
-            if isinstance(exc, KeyboardInterrupt):
+            if received or isinstance(exc, KeyboardInterrupt):
                 click.echo("Error: interrupted (Ctrl-C); no half-written file was left", err=True)
                 ctx.exit(130)
             if isinstance(exc, UserError):
@@ -105,6 +111,15 @@ class Group(click.Group):
                 click.echo(printable(f"FAILED: {exc}"), err=True)
                 ctx.exit(1)
             raise
+
+
+def _working_folder() -> None:
+    """A shell left in a folder that was deleted: one line, before any relative path fails."""
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        raise UserError("the working folder no longer exists (it was deleted or moved); cd to "
+                        "an existing folder and run the command again") from None
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})

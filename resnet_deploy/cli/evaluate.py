@@ -9,8 +9,9 @@ import click
 
 from ..files import check_outputs
 from .app import main
-from .options import (SEED, build_spec, describe_machine, emit, FilePath, json_option,
-                      preprocess_options, progress_enabled, provider_option, write_json_if)
+from .options import (SEED, FilePath, build_spec, describe_machine, emit, json_option,
+                      output_name_option, preprocess_options, progress_enabled,
+                      provider_option, write_json_if)
 
 if TYPE_CHECKING:
     from ..evaluate import EvaluateResult
@@ -29,11 +30,12 @@ if TYPE_CHECKING:
 @click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--strict", is_flag=True, help="An unreadable image is an error, not a skip.")
 @preprocess_options()
+@output_name_option
 @json_option
 def evaluate(models: tuple[Path, ...], images: Path, providers: tuple[str, ...], batch_size: int,
              limit: int | None, seed: int, strict: bool, input_size: int | None,
              resize_size: int | None,
-             mean: Any, std: Any, json_path: Path | None) -> None:
+             mean: Any, std: Any, output_name: str | None, json_path: Path | None) -> None:
     """Top-1/top-5 accuracy of one or more models on a labelled ImageFolder.
 
     Class index = sorted folder name, unless every folder name is one of the model's
@@ -51,7 +53,8 @@ def evaluate(models: tuple[Path, ...], images: Path, providers: tuple[str, ...],
     options = EvaluateOptions(provider=providers[0], batch_size=batch_size, limit=limit, seed=seed,
                               strict=strict,
                               progress=progress_enabled(),
-                              spec=build_spec(input_size, resize_size, mean, std))
+                              spec=build_spec(input_size, resize_size, mean, std),
+                              output_name=output_name)
     result = run_evaluate(models, images, options=options)
     render_evaluate(result)
     write_json_if(json_path, result.to_dict())

@@ -9,7 +9,8 @@ import click
 
 from ..files import check_outputs
 from .app import main
-from .options import (DEFAULT_IMAGES, describe_machine, emit, FilePath, json_option, show_result)
+from .options import (DEFAULT_IMAGES, FilePath, describe_machine, emit, json_option,
+                      output_name_option, show_result)
 
 
 @main.command("convert-fp16")
@@ -22,9 +23,10 @@ from .options import (DEFAULT_IMAGES, describe_machine, emit, FilePath, json_opt
 @click.option("--check-images", type=click.Path(path_type=Path), default=DEFAULT_IMAGES,
               show_default=True, help="Images for the FP32-vs-FP16 check "
                                       "(seeded random inputs when the folder has none).")
+@output_name_option
 @json_option
 def convert_fp16(model_option: Path | None, model_argument: Path | None, output: Path | None,
-                 check_images: Path, json_path: Path | None) -> None:
+                 check_images: Path, output_name: str | None, json_path: Path | None) -> None:
     """Convert an FP32 model to FP16 weights and compute, keeping FP32 inputs and outputs.
 
     The resnet-deploy metadata is kept. The file is written only if its logits on ORT CPU
@@ -43,7 +45,7 @@ def convert_fp16(model_option: Path | None, model_argument: Path | None, output:
     model = one_model(model_option, model_argument)
     output = output or default_output(model)
     check_outputs({"-o": output, "--json": json_path}, [model, check_images])
-    options = Fp16Options(check_images=check_images)
+    options = Fp16Options(check_images=check_images, output_name=output_name)
     show_result(lambda: run_convert(model, output, options=options), render_fp16, json_path)
 
 

@@ -140,6 +140,13 @@ def int8_gate_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                         help="INT8 gate: 1st-percentile cosine floor [default: 0.97].")(fn)
 
 
+def output_name_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--output-name: which output is the logits in a model with several (-o is taken)."""
+    return click.option("--output-name", default=None, metavar="NAME",
+                        help="The output to read in a model with several [default: the one "
+                             "its metadata records, else its only 2-D output].")(fn)
+
+
 def emit(text: str) -> None:
     """A line of the command's report: stdout, or stderr when stdout carries the JSON."""
     click.echo(printable(text), err=_json_to_stdout())

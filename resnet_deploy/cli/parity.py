@@ -10,9 +10,9 @@ import click
 from ..errors import UserError
 from ..files import check_outputs
 from .app import main
-from .options import (DEFAULT_IMAGES, build_spec, describe_machine, emit, FilePath, Finite,
-                      json_option, preprocess_options, provider_option, random_banner,
-                      weights_option, write_json_if)
+from .options import (DEFAULT_IMAGES, FilePath, Finite, build_spec, describe_machine, emit,
+                      json_option, output_name_option, preprocess_options, provider_option,
+                      random_banner, weights_option, write_json_if)
 
 if TYPE_CHECKING:
     from ..parity import ParityReport
@@ -50,13 +50,15 @@ if TYPE_CHECKING:
 @click.option("--skip-unavailable", is_flag=True,
               help="Report a provider that cannot run as skipped instead of failing.")
 @preprocess_options()
+@output_name_option
 @json_option
 def parity(models: tuple[Path, ...], weights: str | None, providers: tuple[str, ...],
            reference: str | None, images: Path | None, random_count: int | None,
            limit: int | None, batch_size: int, atol: float | None, rtol: float | None,
            min_cosine: float | None, min_top1: float | None, save_outputs: Path | None,
            load_outputs: Path | None, strict: bool, skip_unavailable: bool, input_size: int | None,
-           resize_size: int | None, mean: Any, std: Any, json_path: Path | None) -> None:
+           resize_size: int | None, mean: Any, std: Any, output_name: str | None,
+           json_path: Path | None) -> None:
     """Check that every backend gives the same logits as the reference.
 
     Tolerances follow each model's precision: FP32 needs max abs diff <= 1e-4 x max
@@ -85,7 +87,8 @@ def parity(models: tuple[Path, ...], weights: str | None, providers: tuple[str, 
     options = ParityOptions(
         providers=providers, reference=reference, batch_size=batch_size,
         tolerances=ToleranceOverrides(atol, rtol, min_cosine, min_top1),
-        skip_unavailable=skip_unavailable, save_reference=save_outputs is not None)
+        skip_unavailable=skip_unavailable, save_reference=save_outputs is not None,
+        output_name=output_name)
     report = compare_backends(models, weights=weights, images=images,
                               random_count=random_count, limit=limit,
                               spec=build_spec(input_size, resize_size, mean, std),

@@ -10,7 +10,6 @@ import click
 from ..choices import EXPORTERS, METHODS, TARGETS, Exporter, Method, Target
 from ..errors import CheckFailed, UserError
 from ..files import check_outputs
-from ..metrics import ToleranceOverrides
 from .app import main
 from .options import (DEFAULT_IMAGES, INT8_GATE_FLAGS, SEED, FilePath, batch_sizes,
                       describe_machine, emit, int8_gate_options, json_option, provider_option,
@@ -79,6 +78,7 @@ def pipeline(weights: str, num_classes: int | None, input_size: int | None,
           --calibration calib/ --eval-images dev/ --triton -o artifacts/
       resnet-deploy verify artifacts/manifest.json
     """
+    from ..metrics import ToleranceOverrides
     from ..package import TritonOptions
     from ..pipeline import PipelineOptions, run_pipeline
     if json_path is not None and json_path.resolve().is_relative_to(output.resolve()):
@@ -221,15 +221,15 @@ def verify(manifest: Path, json_path: Path | None) -> None:
       resnet-deploy verify artifacts/manifest.json
       resnet-deploy verify out/manifest.json --json verify.json
     """
-    from ..pipeline import verify as run_verify
-
-    from ..pipeline import recorded_files
+    from ..verify import recorded_files
+    from ..verify import verify as run_verify
 
     check_outputs({"--json": json_path}, [manifest, *recorded_files(manifest)])
     report = run_verify(manifest)
     for problem in report.problems:
         emit(problem)
-    emit(f"{report.manifest}: {report.checked} artifacts checked, "
+    emit(f"{report.manifest}: {report.checked} artifacts and {report.inputs} input files "
+         "checked, "
          f"{'all hold' if report else f'{len(report.problems)} problem(s)'}")
     write_json_if(json_path, report.to_dict())
     if not report:

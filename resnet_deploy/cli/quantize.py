@@ -11,7 +11,7 @@ from ..choices import METHODS, QUANT_TYPES, TARGETS, Method, QuantType, Target
 from ..files import check_outputs
 from .app import main
 from .options import (INT8_GATE_FLAGS, SEED, FilePath, Finite, build_spec, describe_machine,
-                      emit, int8_gate_options, json_option, preprocess_options,
+                      emit, int8_gate_options, json_option, output_name_option, preprocess_options,
                       progress_enabled, show_result)
 
 if TYPE_CHECKING:
@@ -57,6 +57,7 @@ if TYPE_CHECKING:
 @click.option("--strict", is_flag=True, help="An unreadable image is an error, not a skip.")
 @click.option("--seed", type=SEED, default=0, show_default=True)
 @preprocess_options()
+@output_name_option
 @json_option
 def quantize(model: Path, calibration: Path, output: Path | None, method: Method,
              num_samples: int, per_channel: bool | None, activation_type: QuantType | None,
@@ -64,7 +65,8 @@ def quantize(model: Path, calibration: Path, output: Path | None, method: Method
              exclude: tuple[str, ...], eval_images: Path | None, max_top1_drop: float | None,
              max_fallback: int, min_cosine: float | None, min_top1: float | None,
              skip_check: bool, strict: bool, seed: int, input_size: int | None,
-             resize_size: int | None, mean: Any, std: Any, json_path: Path | None) -> None:
+             resize_size: int | None, mean: Any, std: Any, output_name: str | None,
+             json_path: Path | None) -> None:
     """Quantize an FP32 model to INT8 (QDQ) and check it against FP32.
 
     Preprocessing comes from the model's metadata. After quantizing, FP32 and INT8 run on
@@ -97,7 +99,7 @@ def quantize(model: Path, calibration: Path, output: Path | None, method: Method
         max_top1_drop=max_top1_drop, max_fallback=max_fallback, strict=strict, seed=seed,
         check=not skip_check, progress=progress_enabled(),
         tolerances=ToleranceOverrides(min_cosine=min_cosine, min_top1=min_top1),
-        spec=build_spec(input_size, resize_size, mean, std))
+        spec=build_spec(input_size, resize_size, mean, std), output_name=output_name)
     show_result(lambda: run_quantize(model, calibration, output, options=options),
                 render_quantize, json_path)
 
