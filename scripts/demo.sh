@@ -25,8 +25,8 @@ done
 # and a rerun finds every step up to date.
 if python - <<'PY'
 import sys
-from resnet_deploy.errors import UserError
-from resnet_deploy.model import imagenet_checkpoint
+from resnet_deploy.core.errors import UserError
+from resnet_deploy.weights.checkpoints import imagenet_checkpoint
 try:
     imagenet_checkpoint()
 except UserError:
@@ -35,7 +35,7 @@ PY
 then
   weights=(--weights imagenet)
 else
-  weights=(--weights random --labels resnet_deploy/imagenet_classes.txt)
+  weights=(--weights random --labels resnet_deploy/weights/imagenet_classes.txt)
   cat >&2 <<'BANNER'
 offline: using random weights (the ImageNet weights cannot be downloaded here)
 

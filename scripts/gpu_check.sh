@@ -45,7 +45,7 @@ STEPS="$RESULTS/steps.tsv"
 [ -n "$INTERNAL" ] || : > "$STEPS"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
-RD=("$PY" -m resnet_deploy.cli)
+RD=("$PY" -m resnet_deploy)
 
 if [ -n "${SHARED_DIR:-}" ]; then SHARED=$SHARED_DIR
 elif [ -d "$ROOT/shared/data" ]; then SHARED=$ROOT/shared

@@ -37,9 +37,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 def _export(path: Path, weights: str, *, num_classes: int | None, input_size: int,
             resize_size: int | None = None) -> Path:
-    from resnet_deploy.export import ExportOptions, export
-    from resnet_deploy.model import load_model
-    from resnet_deploy.preprocess import PreprocessSpec
+    from resnet_deploy.convert.export import ExportOptions, export
+    from resnet_deploy.data.spec import PreprocessSpec
+    from resnet_deploy.weights.checkpoints import load_model
 
     model, loaded = load_model(weights, num_classes=num_classes, seed=0)
     spec = PreprocessSpec.create(input_size, resize_size)
@@ -83,7 +83,7 @@ def bare_onnx(random_onnx: Path, tmp_path: Path) -> Path:
     """``random_onnx`` without its resnet-deploy metadata, like a model exported elsewhere."""
     import onnx
 
-    from resnet_deploy.preprocess import METADATA_KEY
+    from resnet_deploy.artifact.metadata import METADATA_KEY
 
     model = onnx.load(str(random_onnx))
     keep = [p for p in model.metadata_props if p.key != METADATA_KEY]
@@ -108,7 +108,7 @@ def image_folder(tmp_path: Path) -> Path:
 
 def assert_names_machine(data: dict, output: str) -> None:
     """Every command's JSON carries the machine, and its printed tables name the CPU."""
-    from resnet_deploy.machine import cpu_info
+    from resnet_deploy.core.machine import cpu_info
 
     cpu = cpu_info()
     machine = data["machine"]

@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from resnet_deploy import bench
-from resnet_deploy.bench import (BUSY_SPREAD, BenchOptions, BenchReport, BenchResult, Runner,
-                                 _interleave, _summary, busy_warning, run_bench)
+from resnet_deploy.checks import bench
+from resnet_deploy.checks.bench import (BUSY_SPREAD, BenchOptions, BenchReport, BenchResult, Runner,
+                                        _interleave, _summary, busy_warning, run_bench)
 from resnet_deploy.cli import main
-from resnet_deploy.errors import ProviderUnavailable, UserError
-from resnet_deploy.model import weights_for
+from resnet_deploy.core.errors import ProviderUnavailable, UserError
+from resnet_deploy.weights.checkpoints import weights_for
 
 from .conftest import assert_names_machine, cli_command
 
@@ -34,7 +34,7 @@ FAST = dict(warmup=1, iterations=6, block=2)
 @pytest.fixture(scope="module")
 def two_models(random_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """The random model and an FP16 copy: two different models of the same shape."""
-    from resnet_deploy.fp16 import convert_fp16
+    from resnet_deploy.convert.fp16 import convert_fp16
 
     half = tmp_path_factory.mktemp("bench") / "random10.fp16.onnx"
     convert_fp16(random_onnx, half)

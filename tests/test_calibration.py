@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from resnet_deploy.calibration import ImageFolderReader, labelled_images, list_hash
-from resnet_deploy.errors import UserError
+from resnet_deploy.convert.quantize.calibrate import ImageFolderReader
+from resnet_deploy.core.errors import UserError
+from resnet_deploy.data.folders import labelled_images, list_hash
 
 
 def _photo(path: Path, seed: int, fmt: str | None = None) -> Path:

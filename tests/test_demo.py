@@ -7,8 +7,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from resnet_deploy.cli.pipeline import artifact_rows
-from resnet_deploy.model import imagenet_labels
-from resnet_deploy.preprocess import list_images
+from resnet_deploy.data.images import list_images
+from resnet_deploy.weights.published import imagenet_labels
 
 from .conftest import CALIBRATION, ROOT
 

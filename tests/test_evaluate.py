@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from resnet_deploy.artifact.metadata import read_metadata
+from resnet_deploy.checks.evaluate import EvaluateOptions, evaluate
 from resnet_deploy.cli import main
-from resnet_deploy.errors import UserError
-from resnet_deploy.evaluate import EvaluateOptions, evaluate
-from resnet_deploy.preprocess import list_images, load_batch, read_metadata
-from resnet_deploy.runtime import OrtBackend
+from resnet_deploy.core.errors import UserError
+from resnet_deploy.data.images import list_images, load_batch
+from resnet_deploy.runtime.runners import OrtBackend
 
 from .conftest import CALIBRATION, CIFAR_DEV, assert_names_machine
 

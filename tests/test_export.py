@@ -12,9 +12,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from resnet_deploy.artifact.metadata import read_metadata
 from resnet_deploy.cli import main
-from resnet_deploy.preprocess import read_metadata
-from resnet_deploy.runtime import OrtBackend
+from resnet_deploy.runtime.runners import OrtBackend
 
 from .conftest import CIFAR_CKPT, CIFAR_DEV, assert_names_machine
 
@@ -102,7 +102,7 @@ def test_simplifier_line_says_what_happened() -> None:
 def test_constants_folded_counts_nodes_now_initializers() -> None:
     from onnx import helper, numpy_helper
 
-    from resnet_deploy.export import constants_folded
+    from resnet_deploy.convert.export import constants_folded
 
     after = helper.make_graph([], "g", [], [], [
         numpy_helper.from_array(np.zeros(2, np.float32), "shape_out")])
@@ -112,7 +112,7 @@ def test_constants_folded_counts_nodes_now_initializers() -> None:
 
 def _checkpoint_with(folder: Path, num_classes: int, **files: str) -> Path:
     """A random-init state_dict saved as a checkpoint, with files written beside it."""
-    from resnet_deploy.model import load_model
+    from resnet_deploy.weights.checkpoints import load_model
 
     folder.mkdir()
     model, _ = load_model("random", num_classes=num_classes)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from resnet_deploy.errors import UserError
-from resnet_deploy.files import atomic_output, beside
+from resnet_deploy.core.errors import UserError
+from resnet_deploy.core.files import atomic_output, beside
 
 
 def test_a_full_disk_is_bad_input_and_leaves_nothing(tmp_path: Path) -> None:

@@ -15,9 +15,9 @@ import torch
 from click.testing import CliRunner, Result
 from PIL import Image
 
+from resnet_deploy.artifact.metadata import read_metadata
 from resnet_deploy.cli import main
-from resnet_deploy.model import load_model
-from resnet_deploy.preprocess import read_metadata
+from resnet_deploy.weights.checkpoints import load_model
 
 from .conftest import CALIBRATION, ROOT
 
@@ -226,7 +226,7 @@ def test_pipeline_name_option_sets_the_names(ft: Path, tmp_path: Path) -> None:
 
 def test_the_random_banner_and_a_busy_machine_reach_the_report(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from resnet_deploy import bench
+    from resnet_deploy.checks import bench
 
     monkeypatch.setattr(bench, "busy_warning", lambda results: "machine busy: compare ratios "
                         "only (test)")

@@ -10,12 +10,14 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from resnet_deploy.artifact.metadata import load_onnx, read_metadata
+from resnet_deploy.artifact.model_file import model_precision
 from resnet_deploy.cli import main
-from resnet_deploy.errors import CheckFailed, UserError
-from resnet_deploy.fp16 import convert_fp16, default_output
-from resnet_deploy.metrics import compare
-from resnet_deploy.preprocess import image_inputs, load_onnx, read_metadata
-from resnet_deploy.runtime import OrtBackend, model_precision
+from resnet_deploy.convert.fp16 import convert_fp16, default_output
+from resnet_deploy.core.errors import CheckFailed, UserError
+from resnet_deploy.core.metrics import compare
+from resnet_deploy.data.images import image_inputs
+from resnet_deploy.runtime.runners import OrtBackend
 
 from .conftest import CALIBRATION, assert_names_machine
 
@@ -76,8 +78,8 @@ def test_refuses_to_overwrite_its_input(random_onnx: Path) -> None:
 
 def test_failed_check_leaves_no_file(random_onnx: Path, tmp_path: Path,
                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    from resnet_deploy import fp16 as fp16_module
-    from resnet_deploy.metrics import Tolerance
+    from resnet_deploy.convert import fp16 as fp16_module
+    from resnet_deploy.core.metrics import Tolerance
 
     monkeypatch.setitem(fp16_module.TOLERANCES, "fp16", Tolerance(min_cosine=1.5))
     out = tmp_path / "bad.fp16.onnx"

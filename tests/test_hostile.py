@@ -140,7 +140,7 @@ class World:
         return self._shared(f"{name}.onnx", lambda target: _edit(self.source, target, change))
 
     def make_fp16(self) -> Path:
-        from resnet_deploy.fp16 import to_fp16
+        from resnet_deploy.convert.fp16 import to_fp16
 
         return self._shared("half.onnx", lambda target: onnx.save(
             to_fp16(onnx.load(str(self.source))), str(target)))
@@ -245,8 +245,8 @@ class World:
 
     def make_manifest(self) -> Path:
         """A manifest recording one artifact, report.md, beside it."""
-        from resnet_deploy.model import file_sha256
-        from resnet_deploy.manifest import FORMAT
+        from resnet_deploy.core.files import file_sha256
+        from resnet_deploy.pipeline.manifest import FORMAT
 
         (self.inputs / "report.md").write_text("# report\n")
         output = {"path": "report.md", "bytes": 9, "step": "report",
@@ -277,7 +277,7 @@ class World:
     def make_ckpt(self) -> Path:
         import torch
 
-        from resnet_deploy.model import load_model
+        from resnet_deploy.weights.checkpoints import load_model
 
         def build(target: Path) -> None:
             model, _ = load_model("random", num_classes=10, seed=0)
@@ -434,7 +434,7 @@ class World:
     def make_pipe(self) -> Path:
         """A copy of one small pipeline run (from a checkpoint), its calibration photos
         copied too and the manifest pointed at them, so a case may change them."""
-        from resnet_deploy.manifest import digest
+        from resnet_deploy.pipeline.manifest import digest
 
         def build(target: Path) -> None:
             photos = Path(shutil.copytree(CALIBRATION, target.parent / "pipe_photos"))
@@ -504,7 +504,7 @@ class World:
 
     def make_zero_photo_rehashed(self) -> Path:
         """The same forgery with the folder's own hash made to match its file list."""
-        from resnet_deploy.manifest import digest
+        from resnet_deploy.pipeline.manifest import digest
 
         def change(data: dict) -> None:
             entry = data["steps"]["quantize"]["inputs"]["calibration"]
@@ -557,7 +557,7 @@ class World:
         def build(target: Path) -> None:
             import torch
 
-            from resnet_deploy.model import load_model
+            from resnet_deploy.weights.checkpoints import load_model
 
             model, _ = load_model("random", num_classes=10, seed=0)
             with warnings.catch_warnings():
@@ -1049,22 +1049,22 @@ CASES = [
     # 9 signals remove every temp file (130 / 143); noise stays off stderr
     Case("export-sigterm", 9, "export --weights random --num-classes 10 --input-size 64 "
          "--simplify none -o {out}/e.onnx", 143,
-         interrupt=("resnet_deploy.export.check_parity", TERM)),
+         interrupt=("resnet_deploy.convert.export.check_parity", TERM)),
     Case("export-sigint", 9, "export --weights random --num-classes 10 --input-size 64 "
          "--simplify none -o {out}/e.onnx", 130,
-         interrupt=("resnet_deploy.export.torch_to_onnx", INT)),
+         interrupt=("resnet_deploy.convert.export.torch_to_onnx", INT)),
     Case("quantize-sigterm", 9, f"{Q} -o {{out}}/q.onnx", 143,
-         interrupt=("resnet_deploy.quantize.calibrate", TERM)),
+         interrupt=("resnet_deploy.convert.quantize.publish.calibrate", TERM)),
     Case("quantize-sigint", 9, f"{Q} -o {{out}}/q.onnx", 130,
-         interrupt=("resnet_deploy.quantize.calibrate", INT)),
+         interrupt=("resnet_deploy.convert.quantize.publish.calibrate", INT)),
     Case("fp16-sigterm", 9, "convert-fp16 {model} -o {out}/f.onnx --check-images {few}", 143,
-         interrupt=("resnet_deploy.fp16.check_fp16", TERM)),
+         interrupt=("resnet_deploy.convert.fp16.check_fp16", TERM)),
     Case("parity-sigint", 9, f"{P} --random 4 --weights random --json {{out}}/r.json", 130,
-         interrupt=("resnet_deploy.runtime.OrtBackend._infer_impl", INT)),
+         interrupt=("resnet_deploy.runtime.runners.OrtBackend._infer_impl", INT)),
     Case("evaluate-sigint", 9, "evaluate --model {model} --images {labelled10}", 130,
-         interrupt=("resnet_deploy.evaluate.load_batch", INT)),
+         interrupt=("resnet_deploy.checks.evaluate.load_batch", INT)),
     Case("bench-sigterm", 9, "bench --model {model} --iterations 2 --json {out}/b.json", 143,
-         interrupt=("resnet_deploy.bench._interleave", TERM)),
+         interrupt=("resnet_deploy.checks.bench._interleave", TERM)),
     Case("export-corrupt-checkpoint", 9, "export --weights {corrupt_ckpt} --input-size 64 "
          "-o {out}/e.onnx", 2, says=("{corrupt_ckpt}",)),
     Case("export-checkpoint-no-warnings", 9, "export --weights {ckpt} --input-size 64 "
@@ -1220,11 +1220,11 @@ CASES = [
 
     # 11 memory does not grow with the image count: every backend sees --batch-size
     Case("parity-torch-streams", 11, "parity --model {model} --images {photos} --weights random "
-         "--batch-size 2", 0, spy=("resnet_deploy.runtime.TorchBackend.infer",
-                                   "resnet_deploy.runtime.OrtBackend.infer"),
+         "--batch-size 2", 0, spy=("resnet_deploy.runtime.runners.TorchBackend.infer",
+                                   "resnet_deploy.runtime.runners.OrtBackend.infer"),
          check=_batches_within(2)),
     Case("evaluate-streams", 11, "evaluate --model {model} --images {labelled10} "
-         "--batch-size 3", 0, spy=("resnet_deploy.runtime.OrtBackend.infer",),
+         "--batch-size 3", 0, spy=("resnet_deploy.runtime.runners.OrtBackend.infer",),
          check=_batches_within(3)),
 ]
 
@@ -1263,7 +1263,7 @@ def _warned_once(result: Result, *words: str) -> None:
 
 
 def _labels_are(world: World, expected: list[str]) -> None:
-    from resnet_deploy.preprocess import read_metadata
+    from resnet_deploy.artifact.metadata import read_metadata
 
     assert read_metadata(world.out / "e.onnx").labels == expected
 
@@ -1300,14 +1300,14 @@ def test_campaign_covers_every_category_and_command() -> None:
 def test_opset_range_matches_the_installed_exporters() -> None:
     from torch.onnx import _constants
 
-    from resnet_deploy.choices import OPSETS
+    from resnet_deploy.core.choices import OPSETS
 
     assert OPSETS["dynamo"][1] <= _constants.ONNX_MAX_OPSET
     assert OPSETS["torchscript"][1] <= _constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET
 
 
 def test_atol_zero_is_exact_and_fp32_keeps_its_rtol() -> None:
-    from resnet_deploy.metrics import TOLERANCES, Tolerance, compare
+    from resnet_deploy.core.metrics import TOLERANCES, Tolerance, compare
 
     reference = np.array([[1.0, 2.0, 3.0]], np.float32)
     cmp = compare(reference, reference + np.float32(1e-6))
@@ -1320,8 +1320,8 @@ def test_atol_zero_is_exact_and_fp32_keeps_its_rtol() -> None:
 
 
 def test_load_image_refuses_bombs_and_odd_names(tmp_path: Path) -> None:
-    from resnet_deploy.errors import UserError
-    from resnet_deploy.preprocess import load_image
+    from resnet_deploy.core.errors import UserError
+    from resnet_deploy.data.images import load_image
 
     for size in (60000, 10000):
         bomb = tmp_path / f"bomb{size}.png"

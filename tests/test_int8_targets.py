@@ -16,15 +16,19 @@ import pytest
 from click.testing import CliRunner, Result
 from onnx import numpy_helper
 
-from resnet_deploy import quantize as quantize_module
-from resnet_deploy import runtime
-from resnet_deploy.calibration import labelled_images, read_images
+from resnet_deploy.artifact import model_file
+from resnet_deploy.artifact.metadata import read_metadata
+from resnet_deploy.artifact.model_file import SATURATION_FREE_MAX, ModelFile, int8_weight_peak
 from resnet_deploy.cli import main
-from resnet_deploy.metrics import TOLERANCES, Tolerance, compare
-from resnet_deploy.preprocess import list_images, read_metadata
-from resnet_deploy.quantize import QuantizeOptions, quantize, simulated_check
-from resnet_deploy.runtime import (SATURATION_FREE_MAX, ModelFile, OrtBackend, int8_weight_peak,
-                                   run_batched)
+from resnet_deploy.convert.quantize import check as quantize_check
+from resnet_deploy.convert.quantize.check import simulated_check
+from resnet_deploy.convert.quantize.publish import quantize
+from resnet_deploy.convert.quantize.recipe import QuantizeOptions
+from resnet_deploy.core.metrics import TOLERANCES, Tolerance, compare
+from resnet_deploy.data.folders import labelled_images, read_images
+from resnet_deploy.data.images import list_images
+from resnet_deploy.runtime.providers import SessionConfig
+from resnet_deploy.runtime.runners import OrtBackend, run_batched
 
 from .conftest import CALIBRATION, CIFAR_CALIB, CIFAR_DEV, assert_names_machine
 
@@ -153,7 +157,7 @@ def test_no_check_cannot_be_combined_with_the_check_inputs(fp32: Path, tmp_path:
 
 def test_check_simulates_the_target_on_a_cpu_that_would_saturate(
         fp32: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(quantize_module, "cpu_info", lambda: AVX2_CPU)
+    monkeypatch.setattr(quantize_check, "cpu_info", lambda: AVX2_CPU)
     assert simulated_check(QuantizeOptions().settings()) is None  # 7-bit: real kernels
     note = simulated_check(QuantizeOptions(target="cpu-vnni").settings())
     assert note and "int8 path avx2" in note and "does not represent" in note
@@ -172,7 +176,7 @@ def test_unfused_simulation_matches_the_fused_kernels_on_7_bit_weights(
     spec = read_metadata(by_target["cpu"]).preprocess
     batch, _ = read_images(list_images(CALIBRATION), spec)
     fused = run_batched(OrtBackend(by_target["cpu"]), batch, 8)
-    simulated = run_batched(OrtBackend(by_target["cpu"], config=runtime.SessionConfig(
+    simulated = run_batched(OrtBackend(by_target["cpu"], config=SessionConfig(
         simulate_int8=True)), batch, 8)
     cmp = compare(fused, simulated)
     assert cmp.top1_agreement == 1.0 and cmp.cosine_min > 0.998
@@ -181,14 +185,14 @@ def test_unfused_simulation_matches_the_fused_kernels_on_7_bit_weights(
 def test_vnni_model_on_a_saturating_cpu_is_warned_about(
         by_target: dict[str, Path], monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
-    monkeypatch.setattr(runtime, "cpu_info", lambda: AVX2_CPU)
+    monkeypatch.setattr(model_file, "cpu_info", lambda: AVX2_CPU)
     vnni, cpu = ModelFile.read(by_target["cpu-vnni"]), ModelFile.read(by_target["cpu"])
     warning = vnni.cpu_warning("cpu")
     assert warning and "target cpu-vnni needs VNNI or AMX" in warning
     assert "int8 path avx2" in warning and "--target cpu" in warning
     assert "\n" not in warning
     assert cpu.cpu_warning("cpu") is None and vnni.cpu_warning("cuda") is None
-    from resnet_deploy.evaluate import evaluate
+    from resnet_deploy.checks.evaluate import evaluate
 
     folder = by_target["cpu"].parent / "folder"
     (folder / "class0").mkdir(parents=True, exist_ok=True)
@@ -196,7 +200,7 @@ def test_vnni_model_on_a_saturating_cpu_is_warned_about(
     with caplog.at_level("WARNING"):
         evaluate([by_target["cpu-vnni"], by_target["cpu"]], folder)
     assert [r.getMessage() for r in caplog.records].count(warning) == 1
-    monkeypatch.setattr(runtime, "cpu_info", lambda: {**AVX2_CPU, "int8_path": "avx512-vnni"})
+    monkeypatch.setattr(model_file, "cpu_info", lambda: {**AVX2_CPU, "int8_path": "avx512-vnni"})
     assert vnni.cpu_warning("cpu") is None
 
 

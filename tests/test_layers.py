@@ -6,8 +6,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from resnet_deploy.layers import derive, display, for_model, resolve
-from resnet_deploy.preprocess import ModelMetadata, PreprocessSpec
+from resnet_deploy.artifact.layers import derive, display, for_model, resolve
+from resnet_deploy.artifact.metadata import ModelMetadata
+from resnet_deploy.data.spec import PreprocessSpec
 
 
 def _graph(nodes: list[onnx.NodeProto], initializers: list[str]) -> onnx.ModelProto:

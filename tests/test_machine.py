@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from resnet_deploy.machine import (cpu_info, describe, int8_path, machine_info, parse_cpuinfo,
-                                   saturates)
+from resnet_deploy.core.machine import (cpu_info, describe, int8_path, machine_info, parse_cpuinfo,
+                                        saturates)
 
 BASE = "fpu vme de pse tsc msr pae mce cx8 apic sep mtrr sse sse2 ssse3 sse4_1 sse4_2 popcnt"
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from resnet_deploy.errors import UserError
-from resnet_deploy.model import load_model, resnet18
+from resnet_deploy.core.errors import UserError
+from resnet_deploy.weights.checkpoints import load_model, resnet18
 
 KEYS_FILE = Path(__file__).parent / "data" / "torchvision_resnet18_keys.txt"
 
@@ -137,8 +137,9 @@ def test_imagenet_weights_come_from_the_hub_cache(tmp_path: Path,
     """The cache-hit path: hash prefix checked, 1000 ImageNet labels attached."""
     import dataclasses
 
-    import resnet_deploy.model as model_module
-    from resnet_deploy.model import IMAGENET1K_V1, file_sha256
+    import resnet_deploy.weights.checkpoints as model_module
+    from resnet_deploy.core.files import file_sha256
+    from resnet_deploy.weights.published import IMAGENET1K_V1
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     cached = tmp_path / "torch" / "hub" / "checkpoints" / IMAGENET1K_V1.filename
@@ -155,7 +156,7 @@ def test_imagenet_weights_come_from_the_hub_cache(tmp_path: Path,
 
 def test_the_pytorch_model_behind_an_onnx_one_keeps_its_class_count(tmp_path: Path) -> None:
     """When the recorded checkpoint is gone, the stand-in random init has the same fc."""
-    from resnet_deploy.model import load_for
+    from resnet_deploy.weights.checkpoints import load_for
 
     model, loaded, note = load_for({"source": str(tmp_path / "gone.pth"), "num_classes": 10})
     assert loaded.is_random and model.fc.out_features == 10

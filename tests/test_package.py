@@ -12,11 +12,12 @@ from click.testing import CliRunner
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
+from resnet_deploy.artifact.metadata import load_onnx
 from resnet_deploy.cli import main
-from resnet_deploy.errors import UserError
-from resnet_deploy.package import (TritonOptions, check_repository, config_problems, package_triton,
-                                   repository_name)
-from resnet_deploy.preprocess import load_onnx
+from resnet_deploy.core.errors import UserError
+from resnet_deploy.serving.repository import package_triton
+from resnet_deploy.serving.triton import (TritonOptions, check_repository, config_problems,
+                                          repository_name)
 
 from .conftest import CALIBRATION
 
@@ -24,8 +25,9 @@ from .conftest import CALIBRATION
 @pytest.fixture(scope="module")
 def models(random_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """FP32 dynamic and static batch, FP16, INT8 for CPU and INT8 for TensorRT."""
-    from resnet_deploy.fp16 import Fp16Options, convert_fp16
-    from resnet_deploy.quantize import QuantizeOptions, quantize
+    from resnet_deploy.convert.fp16 import Fp16Options, convert_fp16
+    from resnet_deploy.convert.quantize.publish import quantize
+    from resnet_deploy.convert.quantize.recipe import QuantizeOptions
 
     folder = tmp_path_factory.mktemp("package-models")
     fp32 = Path(shutil.copy(random_onnx, folder / "resnet18.onnx"))
@@ -40,9 +42,9 @@ def models(random_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
 
 
 def _static_export(path: Path) -> Path:
-    from resnet_deploy.export import ExportOptions, export
-    from resnet_deploy.model import load_model
-    from resnet_deploy.preprocess import PreprocessSpec
+    from resnet_deploy.convert.export import ExportOptions, export
+    from resnet_deploy.data.spec import PreprocessSpec
+    from resnet_deploy.weights.checkpoints import load_model
 
     model, loaded = load_model("random", num_classes=10, seed=0)
     export(model, loaded, PreprocessSpec.create(64), path,

@@ -11,10 +11,10 @@ import pytest
 from click.testing import CliRunner, Result
 from onnx import numpy_helper
 
+from resnet_deploy.artifact.model_file import model_precision
 from resnet_deploy.cli import main
-from resnet_deploy.machine import cpu_info
-from resnet_deploy.metrics import TOLERANCES, compare
-from resnet_deploy.runtime import model_precision
+from resnet_deploy.core.machine import cpu_info
+from resnet_deploy.core.metrics import TOLERANCES, compare
 
 from .conftest import CALIBRATION, CIFAR_CALIB, CIFAR_DEV, assert_names_machine
 

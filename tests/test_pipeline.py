@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from resnet_deploy import pipeline as pipeline_module
 from resnet_deploy.cli import main
-from resnet_deploy.model import file_sha256
-from resnet_deploy.package import TritonOptions
-from resnet_deploy.manifest import FORMAT
-from resnet_deploy.pipeline import PipelineOptions, run_pipeline
-from resnet_deploy.verify import verify
-from resnet_deploy.card import resolve_preprocess
+from resnet_deploy.core.files import file_sha256
+from resnet_deploy.pipeline import steps as pipeline_module
+from resnet_deploy.pipeline.manifest import FORMAT
+from resnet_deploy.pipeline.steps import PipelineOptions, run_pipeline
+from resnet_deploy.pipeline.verify import verify
+from resnet_deploy.serving.triton import TritonOptions
+from resnet_deploy.weights.card import resolve_preprocess
 
 from .conftest import CALIBRATION
 

@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from resnet_deploy.errors import UserError
-from resnet_deploy.preprocess import (IMAGENET_MEAN, IMAGENET_STD, ModelMetadata, PreprocessSpec,
-                                      list_images, load_image, read_metadata, to_tensor)
+from resnet_deploy.artifact.metadata import ModelMetadata, read_metadata
+from resnet_deploy.core.choices import IMAGENET_MEAN, IMAGENET_STD
+from resnet_deploy.core.errors import UserError
+from resnet_deploy.data.images import list_images, load_image, to_tensor
+from resnet_deploy.data.spec import PreprocessSpec
 
 from .conftest import CALIBRATION, IMAGENET_SAMPLES
 

@@ -12,13 +12,15 @@ import pytest
 from click.testing import CliRunner
 from onnx import numpy_helper
 
-from resnet_deploy.calibration import ImageFolderReader
+from resnet_deploy.artifact.metadata import read_metadata
+from resnet_deploy.artifact.model_file import model_precision
 from resnet_deploy.cli import main
-from resnet_deploy.model import file_sha256
-from resnet_deploy.preprocess import list_images, read_metadata
-from resnet_deploy.quantize import (QuantizeOptions, calibrate, default_output,
-                                    preprocess_for_quantization, quantize)
-from resnet_deploy.runtime import model_precision
+from resnet_deploy.convert.quantize.calibrate import ImageFolderReader, calibrate
+from resnet_deploy.convert.quantize.prepare import preprocess_for_quantization
+from resnet_deploy.convert.quantize.publish import default_output, quantize
+from resnet_deploy.convert.quantize.recipe import QuantizeOptions
+from resnet_deploy.core.files import file_sha256
+from resnet_deploy.data.images import list_images
 
 from .conftest import CALIBRATION
 
@@ -162,7 +164,7 @@ def test_accuracy_aware_fallback_is_reported_and_capped(fp32: Path, image_folder
                                                         tmp_path: Path,
                                                         capsys: pytest.CaptureFixture) -> None:
     from resnet_deploy.cli.quantize import render_quantize
-    from resnet_deploy.errors import CheckFailed
+    from resnet_deploy.core.errors import CheckFailed
 
     out = tmp_path / "aa.onnx"
     # A negative drop is impossible to meet (the CLI takes 0-100, so the library is called):

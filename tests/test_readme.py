@@ -25,7 +25,7 @@ from resnet_deploy.cli import main
 from .conftest import CALIBRATION, ROOT
 
 README = ROOT / "README.md"
-IMAGENET_CLASSES = ROOT / "resnet_deploy" / "imagenet_classes.txt"
+IMAGENET_CLASSES = ROOT / "resnet_deploy" / "weights" / "imagenet_classes.txt"
 MARKER = re.compile(r"#\s*needs:\s*(?P<need>[^#]+?)\s*$")
 
 
@@ -105,7 +105,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder like a clone after ``make demo``, less the models the README rebuilds."""
     import torch
 
-    from resnet_deploy.model import load_model
+    from resnet_deploy.weights.checkpoints import load_model
 
     work = tmp_path_factory.mktemp("readme")
     (work / "calibration").symlink_to(CALIBRATION, target_is_directory=True)
@@ -146,3 +146,14 @@ def test_extracts_joined_commands_and_markers() -> None:
     assert readme_commands(text) == [
         (2, "resnet-deploy bench --model a.onnx --provider cuda   # needs: gpu", "gpu"),
         (5, "resnet-deploy verify m.json", None)]
+
+
+def test_the_python_api_block_runs(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's Python block, as written, on the stand-in ``ft.pth`` (with a 64 px card
+    beside nothing: the block passes its own spec)."""
+    text = README.read_text("utf-8")
+    block = text.split("```python\n", 1)[1].split("```", 1)[0]
+    assert "resnet_deploy" in block
+    monkeypatch.chdir(workdir)
+    exec(compile(block, "README.md", "exec"), {})  # the project's own README
+    assert (workdir / "ft.onnx").is_file()

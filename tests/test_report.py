@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from resnet_deploy.report import Column, cell, format_markdown, format_table, share, significant
+from resnet_deploy.core.render import (Column, cell, format_markdown, format_table, share,
+                                       significant)
 
 
 def test_significant_figures() -> None:

@@ -19,7 +19,7 @@ from typing import Any, TextIO
 import click
 
 from .. import __version__
-from ..errors import CheckFailed, UserError
+from ..core.errors import CheckFailed, UserError
 from .options import printable
 
 

@@ -7,16 +7,15 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from ..errors import UserError
-from ..files import check_outputs
-from ..machine import describe
+from ..core.errors import UserError
+from ..core.files import check_outputs
+from ..core.machine import describe
 from .app import main
-from .options import (SEED, FilePath, Finite, emit, json_option, progress_enabled,
-                      provider_option, weights_option, write_json_if)
-from .options import batch_sizes as batch_sizes_of
+from .options import (SEED, FilePath, Finite, batch_sizes as batch_sizes_of, emit, json_option,
+                      progress_enabled, provider_option, weights_option, write_json_if)
 
 if TYPE_CHECKING:
-    from ..bench import BenchReport
+    from ..checks.bench import BenchReport
 
 
 # Each thread is a pool worker with its own stack: a typo of 100000 exhausts memory.
@@ -77,12 +76,12 @@ def bench(models: tuple[Path, ...], providers: tuple[str, ...], batch_sizes: str
     """
     check_outputs({"--json": json_path, "--markdown": markdown_path, "--plot": plot_path},
                   models)
-    from ..bench import BenchOptions, run_bench
+    from ..checks.bench import BenchOptions, run_bench
 
     if iterations is not None and duration is not None:
         raise UserError("give either --iterations or --duration, not both")
     if plot_path is not None:
-        from ..report import require_matplotlib
+        from ..core.render import require_matplotlib
 
         require_matplotlib()
     options = BenchOptions(
@@ -100,13 +99,14 @@ def bench(models: tuple[Path, ...], providers: tuple[str, ...], batch_sizes: str
     render_bench(report)
     write_json_if(json_path, report.to_dict())
     if markdown_path is not None:
-        from ..report import format_markdown, write_text
+        from ..core.files import write_text
+        from ..core.render import format_markdown
 
         write_text(markdown_path, f"{machine_line(report)}\n\n"
                    + format_markdown(table_rows(report), bench_columns(report)))
         emit(f"wrote {markdown_path}")
     if plot_path is not None:
-        from ..report import plot_bench
+        from ..core.render import plot_bench
 
         plot_bench([r.to_dict() for r in report.results], plot_path, machine=report.machine)
         emit(f"wrote {plot_path}")
@@ -127,7 +127,7 @@ PROVIDER_NAMES = {"cpu": "CPU", "cuda": "CUDA", "tensorrt": "TensorRT"}
 def table_rows(report: Any) -> list[dict[str, Any]]:
     """Result rows flattened for tables: the spread as ``p10-p90`` text, placement as
     ``CPU 49`` (or ``CUDA 120, CPU 3``)."""
-    from ..report import significant
+    from ..core.render import significant
 
     rows = []
     for result in report.results:
@@ -142,7 +142,7 @@ def table_rows(report: Any) -> list[dict[str, Any]]:
 
 
 def bench_columns(report: Any) -> list[Any]:
-    from ..report import Column
+    from ..core.render import Column
 
     first = Path(report.results[0].model).name if report.results else "the first model"
     return [
@@ -171,7 +171,7 @@ def machine_line(report: BenchReport) -> str:
 
 
 def render_bench(report: BenchReport) -> None:
-    from ..report import format_table
+    from ..core.render import format_table
 
     emit(machine_line(report))
     options = report.options

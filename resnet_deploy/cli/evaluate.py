@@ -7,14 +7,14 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from ..files import check_outputs
+from ..core.files import check_outputs
 from .app import main
 from .options import (SEED, FilePath, build_spec, describe_machine, emit, json_option,
-                      output_name_option, preprocess_options, progress_enabled,
-                      provider_option, write_json_if)
+                      output_name_option, preprocess_options, progress_enabled, provider_option,
+                      write_json_if)
 
 if TYPE_CHECKING:
-    from ..evaluate import EvaluateResult
+    from ..checks.evaluate import EvaluateResult
 
 
 @main.command()
@@ -47,8 +47,7 @@ def evaluate(models: tuple[Path, ...], images: Path, providers: tuple[str, ...],
       resnet-deploy evaluate --model m.onnx --model m.int8.onnx --images dev/ --json acc.json
     """
     check_outputs({"--json": json_path}, [*models, images])
-    from ..evaluate import EvaluateOptions
-    from ..evaluate import evaluate as run_evaluate
+    from ..checks.evaluate import EvaluateOptions, evaluate as run_evaluate
 
     options = EvaluateOptions(provider=providers[0], batch_size=batch_size, limit=limit, seed=seed,
                               strict=strict,
@@ -68,7 +67,7 @@ MAPPINGS = {
 
 
 def render_evaluate(result: EvaluateResult) -> None:
-    from ..report import Column, format_table
+    from ..core.render import Column, format_table
 
     emit(f"machine: {describe_machine()}")
     emit(f"{result.images}: {result.models[0].n} images, {result.classes} classes")

@@ -7,15 +7,15 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from ..choices import DEFAULT_OPSET, EXPORTERS, OPSETS, SIMPLIFIERS, Exporter, Simplifier
-from ..files import check_outputs
+from ..core.choices import DEFAULT_OPSET, EXPORTERS, OPSETS, SIMPLIFIERS, Exporter, Simplifier
+from ..core.files import check_outputs
 from .app import main
 from .options import (DEFAULT_IMAGES, DEFAULT_MODEL, SEED, FilePath, describe_machine,
                       describe_preprocessing, emit, json_option, random_banner, read_labels,
                       show_result, source_options, source_preprocessing, warn_if_guessed)
 
 if TYPE_CHECKING:
-    from ..export import ExportResult
+    from ..convert.export import ExportResult
 
 
 @main.command()
@@ -58,9 +58,8 @@ def export(weights: str, num_classes: int | None, input_size: int | None,
     check_outputs({"-o": output, "--json": json_path},
                   [labels, parity_images, Path(weights) if Path(weights).is_file() else None])
     label_names = read_labels(labels)
-    from ..export import ExportOptions
-    from ..export import export as run_export
-    from ..model import load_model
+    from ..convert.export import ExportOptions, export as run_export
+    from ..weights.checkpoints import load_model
 
     model, loaded = load_model(weights, num_classes=num_classes, seed=seed,
                                find_labels=labels is None)
@@ -92,7 +91,7 @@ def simplifier_line(result: Any) -> str:
 
 
 def render_export(result: ExportResult) -> None:
-    from ..report import Column, format_checks
+    from ..core.render import Column, format_checks
 
     emit(f"machine: {describe_machine()}")
     emit(f"{result.output}: {result.exporter} exporter, opset {result.opset}, "

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from ..files import check_outputs
+from ..core.files import check_outputs
 from .app import main
 from .options import (DEFAULT_IMAGES, FilePath, describe_machine, emit, json_option,
                       output_name_option, show_result)
@@ -39,8 +39,7 @@ def convert_fp16(model_option: Path | None, model_argument: Path | None, output:
       resnet-deploy convert-fp16 --model artifacts/resnet18.onnx
       resnet-deploy convert-fp16 --model a.onnx -o a16.onnx --json fp16.json
     """
-    from ..fp16 import Fp16Options, default_output
-    from ..fp16 import convert_fp16 as run_convert
+    from ..convert.fp16 import Fp16Options, convert_fp16 as run_convert, default_output
 
     model = one_model(model_option, model_argument)
     output = output or default_output(model)
@@ -63,7 +62,7 @@ def one_model(option: Path | None, argument: Path | None) -> Path:
 
 
 def render_fp16(result: Any) -> None:
-    from ..report import format_checks
+    from ..core.render import format_checks
 
     emit(f"machine: {describe_machine()}")
     emit(f"{result.output}: FP16 with float32 inputs/outputs, {result.nodes} nodes "

@@ -11,8 +11,8 @@ from typing import Any
 
 import click
 
-from ..choices import IMAGENET_MEAN, IMAGENET_STD
-from ..errors import CheckFailed, UserError
+from ..core.choices import IMAGENET_MEAN, IMAGENET_STD
+from ..core.errors import CheckFailed, UserError
 
 DEFAULT_MODEL = Path("artifacts/resnet18.onnx")
 # numpy's and torch's generators take seeds below 2**32 on every platform.
@@ -86,7 +86,7 @@ def preprocess_options(*, source: bool = False) -> Decorator:
 def build_spec(input_size: int | None, resize_size: int | None,
                mean: tuple[float, ...] | None, std: tuple[float, ...] | None) -> Any:
     """A PreprocessSpec overriding a model's metadata, or None (use the metadata)."""
-    from ..preprocess import PreprocessSpec
+    from ..data.spec import PreprocessSpec
 
     if input_size is None:
         if resize_size or mean or std:
@@ -165,8 +165,8 @@ def write_json_if(path: Path | None, data: dict[str, Any]) -> None:
         return
     import json
 
-    from ..machine import machine_info
-    from ..report import write_json
+    from ..core.machine import machine_info
+    from ..core.render import write_json
 
     document = {"machine": machine_info(), **data}  # bench's own machine wins
     if path is None:
@@ -177,7 +177,7 @@ def write_json_if(path: Path | None, data: dict[str, Any]) -> None:
 
 
 def describe_machine() -> str:
-    from ..machine import describe
+    from ..core.machine import describe
 
     return describe()
 
@@ -207,7 +207,7 @@ def read_labels(path: Path | None) -> list[str] | None:
     """Class names from --labels: a model card's ``classes``, or one name per line."""
     if path is None:
         return None
-    from ..card import read_labels as read
+    from ..weights.card import read_labels as read
 
     return read(path)
 
@@ -221,8 +221,8 @@ def source_preprocessing(weights: str, input_size: int | None, resize_size: int 
                          mean: tuple[float, ...] | None, std: tuple[float, ...] | None) -> Any:
     """The preprocessing to export ``weights`` with: these options, else the checkpoint's
     model.json, else ImageNet's defaults (a :class:`card.Preprocessing`)."""
-    from ..card import card_beside, resolve_preprocess
-    from ..model import IMAGENET, RANDOM
+    from ..weights.card import card_beside, resolve_preprocess
+    from ..weights.published import IMAGENET, RANDOM
 
     card = None if weights in (IMAGENET, RANDOM) else card_beside(weights)
     given = {"input_size": input_size, "resize_size": resize_size,
@@ -232,8 +232,8 @@ def source_preprocessing(weights: str, input_size: int | None, resize_size: int 
 
 def describe_preprocessing(spec: dict[str, Any], sources: dict[str, str]) -> str:
     """A recorded spec and its sources in one phrase, explicit values named by their flag."""
-    from ..card import Preprocessing
-    from ..preprocess import PreprocessSpec
+    from ..data.spec import PreprocessSpec
+    from ..weights.card import Preprocessing
 
     spec_obj = PreprocessSpec.from_dict(spec)
     if not sources:
@@ -245,8 +245,9 @@ def warn_if_guessed(preprocessing: Any, weights: str, num_classes: int | None = 
     """One warning when a checkpoint that is not an ImageNet classifier gets ImageNet's
     224-pixel defaults because nothing said otherwise: the newcomer's silent chance level.
     ``num_classes`` None: read from the checkpoint, only when the size was defaulted."""
-    from ..card import IMAGENET_DEFAULT
-    from ..model import IMAGENET, RANDOM, checkpoint_classes
+    from ..weights.card import IMAGENET_DEFAULT
+    from ..weights.checkpoints import checkpoint_classes
+    from ..weights.published import IMAGENET, RANDOM
 
     if weights in (IMAGENET, RANDOM) or preprocessing.sources["input_size"] != IMAGENET_DEFAULT:
         return
@@ -268,7 +269,7 @@ def provider_option(*, single: bool = False) -> Decorator:
 
     def parse(ctx: click.Context, param: click.Parameter,
               value: tuple[str, ...]) -> tuple[str, ...]:
-        from ..runtime import provider_name, short_provider
+        from ..runtime.providers import provider_name, short_provider
 
         names = tuple(dict.fromkeys(short_provider(provider_name(p))
                                     for v in value for p in v.split(",") if p.strip()))

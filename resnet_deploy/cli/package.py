@@ -7,10 +7,10 @@ from typing import Any
 
 import click
 
-from ..choices import DEVICES, TRT_PRECISIONS, Device, TrtPrecision
-from ..errors import UserError
+from ..core.choices import DEVICES, TRT_PRECISIONS, Device, TrtPrecision
+from ..core.errors import UserError
 from .app import main
-from .options import (batch_sizes, emit, FilePath, json_option, write_json_if)
+from .options import FilePath, batch_sizes, emit, json_option, write_json_if
 
 DEFAULT_REPOSITORY = Path("artifacts/model_repository")
 # The widths of Triton's ModelConfig fields (max_batch_size is int32, the queue delay uint64):
@@ -76,8 +76,9 @@ def package(fmt: str, models: tuple[Path, ...], output: Path, device: Device,
           --model artifacts/resnet18.int8.onnx -o model_repository/
       resnet-deploy package --model m.fp16.onnx --device gpu --tensorrt fp16 --instances 2
     """
-    from ..files import check_outputs
-    from ..package import TritonOptions, package_triton
+    from ..core.files import check_outputs
+    from ..serving.repository import package_triton
+    from ..serving.triton import TritonOptions
 
     check_outputs({"--json": json_path}, models, folders={"-o": output})
     inside = [m for m in models if m.resolve().is_relative_to(output.resolve())]
@@ -97,7 +98,7 @@ def package(fmt: str, models: tuple[Path, ...], output: Path, device: Device,
 
 
 def render_package(result: Any) -> None:
-    from ..report import format_table
+    from ..core.render import format_table
 
     emit(f"{result.output}: Triton model repository, {len(result.models)} model(s); configs "
          "parsed with model_config_pb2 and checked against their graphs")

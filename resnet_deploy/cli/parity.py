@@ -7,15 +7,15 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from ..errors import UserError
-from ..files import check_outputs
+from ..core.errors import UserError
+from ..core.files import check_outputs
 from .app import main
 from .options import (DEFAULT_IMAGES, FilePath, Finite, build_spec, describe_machine, emit,
                       json_option, output_name_option, preprocess_options, provider_option,
                       random_banner, weights_option, write_json_if)
 
 if TYPE_CHECKING:
-    from ..parity import ParityReport
+    from ..checks.parity import ParityReport
 
 
 @main.command()
@@ -76,8 +76,8 @@ def parity(models: tuple[Path, ...], weights: str | None, providers: tuple[str, 
     check_outputs({"--json": json_path, "--save-outputs": save_outputs},
                   [*models, load_outputs, images,
                    Path(weights) if weights and Path(weights).is_file() else None])
-    from ..metrics import ToleranceOverrides
-    from ..parity import ParityOptions, check, compare_backends
+    from ..checks.parity import ParityOptions, check, compare_backends
+    from ..core.metrics import ToleranceOverrides
 
     if images is None and random_count is None:
         if not DEFAULT_IMAGES.is_dir():
@@ -102,7 +102,7 @@ def parity(models: tuple[Path, ...], weights: str | None, providers: tuple[str, 
 
 
 def render_parity(report: ParityReport) -> None:
-    from ..report import Column, comparison_columns, format_table
+    from ..core.render import Column, comparison_columns, format_table
 
     emit(f"machine: {describe_machine()}")
     emit(f"reference: {report.reference}; inputs: {report.inputs['description']}")

@@ -7,9 +7,9 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from ..choices import EXPORTERS, METHODS, TARGETS, Exporter, Method, Target
-from ..errors import CheckFailed, UserError
-from ..files import check_outputs
+from ..core.choices import EXPORTERS, METHODS, TARGETS, Exporter, Method, Target
+from ..core.errors import CheckFailed, UserError
+from ..core.files import check_outputs
 from .app import main
 from .options import (DEFAULT_IMAGES, INT8_GATE_FLAGS, SEED, FilePath, batch_sizes,
                       describe_machine, emit, int8_gate_options, json_option, provider_option,
@@ -18,7 +18,7 @@ from .options import (DEFAULT_IMAGES, INT8_GATE_FLAGS, SEED, FilePath, batch_siz
 from .package import triton_options
 
 if TYPE_CHECKING:
-    from ..pipeline import PipelineResult
+    from ..pipeline.steps import PipelineResult
 
 
 @main.command()
@@ -78,9 +78,9 @@ def pipeline(weights: str, num_classes: int | None, input_size: int | None,
           --calibration calib/ --eval-images dev/ --triton -o artifacts/
       resnet-deploy verify artifacts/manifest.json
     """
-    from ..metrics import ToleranceOverrides
-    from ..package import TritonOptions
-    from ..pipeline import PipelineOptions, run_pipeline
+    from ..core.metrics import ToleranceOverrides
+    from ..pipeline.steps import PipelineOptions, run_pipeline
+    from ..serving.triton import TritonOptions
     if json_path is not None and json_path.resolve().is_relative_to(output.resolve()):
         raise UserError(f"--json {json_path}: is inside the output folder {output}, where the "
                         "pipeline keeps its artifacts and manifest; choose a path outside it")
@@ -135,7 +135,7 @@ def valid_name(name: str | None) -> str | None:
 
 def gate_hint(report: Any) -> str | None:
     """After a failed INT8 gate: the pipeline's own options that would have passed it."""
-    from ..report import pass_hint
+    from ..core.render import pass_hint
 
     needed = report.get("needed") if isinstance(report, dict) else None
     hint = pass_hint(needed, INT8_GATE_FLAGS) if needed else ""
@@ -143,8 +143,8 @@ def gate_hint(report: Any) -> str | None:
 
 
 def render_pipeline(result: PipelineResult) -> None:
-    from ..pipeline import provenance_lines
-    from ..report import Column, format_table
+    from ..core.render import Column, format_table
+    from ..pipeline.report import provenance_lines
 
     records = {r.step: r for r in result.steps}
     for line in provenance_lines(records):
@@ -184,7 +184,7 @@ def artifact_rows(result: Any) -> list[dict[str, Any]]:
 
 def step_summary(record: Any) -> str:
     """One phrase per step for the summary table."""
-    from ..report import cell
+    from ..core.render import cell
 
     r = record.results
     if record.step == "quantize" and r.get("check_passed") is not None:
@@ -221,8 +221,7 @@ def verify(manifest: Path, json_path: Path | None) -> None:
       resnet-deploy verify artifacts/manifest.json
       resnet-deploy verify out/manifest.json --json verify.json
     """
-    from ..verify import recorded_files
-    from ..verify import verify as run_verify
+    from ..pipeline.verify import recorded_files, verify as run_verify
 
     check_outputs({"--json": json_path}, [manifest, *recorded_files(manifest)])
     report = run_verify(manifest)

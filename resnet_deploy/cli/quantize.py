@@ -7,15 +7,15 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from ..choices import METHODS, QUANT_TYPES, TARGETS, Method, QuantType, Target
-from ..files import check_outputs
+from ..core.choices import METHODS, QUANT_TYPES, TARGETS, Method, QuantType, Target
+from ..core.files import check_outputs
 from .app import main
-from .options import (INT8_GATE_FLAGS, SEED, FilePath, Finite, build_spec, describe_machine,
-                      emit, int8_gate_options, json_option, output_name_option, preprocess_options,
+from .options import (INT8_GATE_FLAGS, SEED, FilePath, Finite, build_spec, describe_machine, emit,
+                      int8_gate_options, json_option, output_name_option, preprocess_options,
                       progress_enabled, show_result)
 
 if TYPE_CHECKING:
-    from ..quantize import QuantizeResult
+    from ..convert.quantize.publish import QuantizeResult
 
 
 @main.command()
@@ -84,13 +84,13 @@ def quantize(model: Path, calibration: Path, output: Path | None, method: Method
       resnet-deploy quantize --model m.onnx --calibration calib/ --eval-images dev/ \\
           --max-top1-drop 0.3 --max-fallback 3
     """
-    from ..quantize import default_output
+    from ..convert.quantize.publish import default_output
 
     output = output or default_output(model)
     check_outputs({"-o": output, "--json": json_path}, [model, calibration, eval_images])
-    from ..metrics import ToleranceOverrides
-    from ..quantize import QuantizeOptions
-    from ..quantize import quantize as run_quantize
+    from ..convert.quantize.publish import quantize as run_quantize
+    from ..convert.quantize.recipe import QuantizeOptions
+    from ..core.metrics import ToleranceOverrides
 
     options = QuantizeOptions(
         method=method, num_samples=num_samples, per_channel=per_channel,
@@ -105,8 +105,8 @@ def quantize(model: Path, calibration: Path, output: Path | None, method: Method
 
 
 def render_quantize(result: QuantizeResult) -> None:
-    from ..layers import display
-    from ..report import Column, format_checks, format_table, share
+    from ..artifact.layers import display
+    from ..core.render import Column, format_checks, format_table, share
 
     s = result.settings
     emit(f"machine: {describe_machine()}")

@@ -26,11 +26,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from .errors import UserError
-from .machine import machine_info
-from .preprocess import ModelMetadata
-from .runtime import (PROVIDERS, ModelFile, SessionConfig, available_providers, create_session,
-                      node_placement, provider_name, require_provider, short_provider)
+from ..artifact.metadata import ModelMetadata
+from ..artifact.model_file import ModelFile
+from ..core.errors import UserError
+from ..core.machine import machine_info
+from ..runtime.providers import (PROVIDERS, SessionConfig, available_providers, create_session,
+                                 node_placement, provider_name, require_provider, short_provider)
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -370,7 +371,7 @@ def _torch_target(meta: ModelMetadata | None, size: int, options: BenchOptions,
                   provider: str) -> tuple[Target, str | None]:
     import torch
 
-    from .model import load_for
+    from ..weights.checkpoints import load_for
 
     device = "cuda" if provider != PROVIDERS["cpu"] and torch.cuda.is_available() else "cpu"
     if options.threads:

@@ -1,15 +1,11 @@
-"""Image folders for INT8 work: the calibration reader, and labelled ImageFolder sets.
-
-Both quantize (calibration, its held-out check, the accuracy-aware fallback) and evaluate
-read folders of photos through the model's own preprocessing; keeping the folder logic here
-means they skip unreadable files, subset and map class names the same way.
+"""Folders of photos for checks: labelled ImageFolders, lists read with one
+warning for what could not be read, and the hash that names a file list.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,21 +14,11 @@ from typing import Any
 
 import numpy as np
 
-from .errors import UserError
-from .metrics import top_k
-from .preprocess import PreprocessSpec, is_image, list_images, load_batch, seeded_subset
-from .runtime import ModelFile, fill_batch
+from ..core.errors import UserError
+from .images import is_image, list_images, load_batch, seeded_subset
+from .spec import PreprocessSpec
 
 log = logging.getLogger(__name__)
-
-DEFAULT_NUM_SAMPLES = 256
-# Calibration feeds batches: one ORT run per 32 images instead of per image. The batch size
-# is part of the calibration recipe, since moving-average MinMax averages per-batch extremes.
-DEFAULT_BATCH = 32
-# When calibration would use every photo in the folder, a seeded share is held back so the
-# INT8 model can be checked on photos calibration never saw: 20%, at least this many.
-HELD_OUT_SHARE = 0.2
-MIN_HELD_OUT = 8
 
 
 def list_hash(paths: Sequence[Path], root: Path) -> str:
@@ -74,119 +60,6 @@ def read_images(paths: Sequence[Path], spec: PreprocessSpec, *, strict: bool = F
     if not used:
         raise UserError(f"none of the {len(paths)} {what} could be read as an image")
     return np.concatenate(arrays), used
-
-
-class ImageFolderReader:
-    """onnxruntime's CalibrationDataReader protocol over a folder of photos.
-
-    ``get_next()`` returns one feed dict (a batch of preprocessed images) per call, then
-    None. Duck-typed rather than subclassed so importing this module does not load
-    onnxruntime; the calibrators only call ``get_next``. Build one with :meth:`for_model`.
-    """
-
-    def __init__(self, paths: Sequence[Path], spec: PreprocessSpec, input_name: str, *,
-                 root: Path, batch_size: int = DEFAULT_BATCH, fixed_batch: bool = False,
-                 strict: bool = False, progress: bool = False,
-                 held_out: Sequence[Path] = ()) -> None:
-        if not paths:
-            raise UserError(f"{root}: no images to calibrate with")
-        self.paths = list(paths)
-        self.spec = spec
-        self.input_name = input_name
-        self.root = root
-        self.batch_size = batch_size
-        self.fixed_batch = fixed_batch
-        self.strict = strict
-        self.progress = progress
-        self.held_out = list(held_out)
-        self.used: list[Path] = []
-        self.skipped: list[Path] = []
-        self._next = 0
-        self._bar: Any = None
-        self._warned = False
-
-    @classmethod
-    def for_model(cls, model: str | Path, folder: str | Path, *,
-                  num_samples: int | None = DEFAULT_NUM_SAMPLES, seed: int = 0,
-                  batch_size: int = DEFAULT_BATCH, strict: bool = False,
-                  progress: bool = False, spec: PreprocessSpec | None = None,
-                  file: ModelFile | None = None,
-                  hold_out: bool = False) -> ImageFolderReader:
-        """A reader preprocessing the way ``model``'s metadata says (``spec`` overrides).
-
-        A folder with more than ``num_samples`` images gives a seeded random subset; the
-        rest are in :attr:`held_out` for checking the quantized model. With ``hold_out``,
-        a folder that calibration would use whole keeps back :data:`HELD_OUT_SHARE` of it
-        (at least :data:`MIN_HELD_OUT` images) instead. ``file`` is the already-opened
-        model, when the caller has it, so the file is not parsed twice.
-        """
-        file = file if file is not None else ModelFile.read(model)
-        spec = file.spec(spec)
-        input_name, fixed = file.io.input_name, file.io.batch
-        root = Path(folder)
-        everything = list_images(root)
-        if not everything:
-            raise UserError(f"{root}: no images (of any format Pillow reads) in this "
-                            "folder or below it; point --calibration at a folder of photos")
-        chosen = seeded_subset(everything, num_samples, seed)
-        if hold_out and len(chosen) == len(everything):
-            held = max(MIN_HELD_OUT, math.ceil(HELD_OUT_SHARE * len(everything)))
-            if held >= len(everything):
-                raise UserError(
-                    f"{root}: {len(everything)} images are too few both to calibrate and to "
-                    f"check the INT8 model on {MIN_HELD_OUT} held-out ones; add photos (at "
-                    f"least {MIN_HELD_OUT + 1}), pass --eval-images DIR, or skip the check "
-                    "with --no-check")
-            chosen = seeded_subset(everything, len(everything) - held, seed)
-        chosen_set = set(chosen)
-        return cls(chosen, spec, input_name, root=root, batch_size=fixed or batch_size,
-                   fixed_batch=fixed is not None, strict=strict, progress=progress,
-                   held_out=[p for p in everything if p not in chosen_set])
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        from tqdm import tqdm
-
-        if self._bar is None and self._next == 0:
-            self._bar = tqdm(total=len(self.paths), desc="calibrating", unit="img",
-                             disable=not self.progress, leave=False)
-        while self._next < len(self.paths):
-            chunk = self.paths[self._next:self._next + self.batch_size]
-            self._next += len(chunk)
-            batch, ok, bad = load_batch(chunk, self.spec, strict=self.strict)
-            self.used += ok
-            self.skipped += bad
-            self._bar.update(len(chunk))
-            if not ok:
-                continue
-            if self.fixed_batch:
-                batch = fill_batch(batch, self.batch_size)
-            return {self.input_name: batch}
-        self._finish()
-        return None
-
-    def _finish(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
-        if not self.used:
-            raise UserError(f"{self.root}: none of the {len(self.paths)} images could be read; "
-                            "point --calibration at a folder of valid photos")
-        if not self._warned:
-            self._warned = True
-            warn_skipped(self.skipped, len(self.paths), "calibration images")
-
-    def __iter__(self) -> ImageFolderReader:
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        feed = self.get_next()
-        if feed is None:
-            raise StopIteration
-        return feed
-
-    def file_list_sha256(self) -> str:
-        """Identifies the photos that calibrated (after skipping unreadable ones)."""
-        return list_hash(self.used, self.root)
 
 
 @dataclass(frozen=True)
@@ -244,11 +117,6 @@ class LabelledImages:
 
     def to_dict(self) -> dict[str, Any]:
         return {"root": str(self.root), "classes": list(self.classes), "n": len(self.paths)}
-
-
-def hits(logits: np.ndarray, targets: np.ndarray, k: int) -> int:
-    """How many rows have their target among the ``k`` largest logits."""
-    return int((top_k(logits, k) == targets[:, None]).any(axis=1).sum())
 
 
 def labelled_images(folder: str | Path) -> LabelledImages:

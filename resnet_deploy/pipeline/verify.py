@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .manifest import FAILED, Hashes, StepRecord, digest, read_manifest, records_of
-from .pipeline import known_steps
+from .steps import known_steps
 
 
 @dataclass(frozen=True)

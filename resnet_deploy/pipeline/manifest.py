@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from .errors import UserError
-from .machine import machine_info, package_versions
-from .model import file_sha256
-from .preprocess import list_images
+from ..core.errors import UserError
+from ..core.files import file_sha256
+from ..core.machine import machine_info, package_versions
+from ..data.images import list_images
 
 MANIFEST = "manifest.json"
 FORMAT = "resnet-deploy-manifest/1"
@@ -110,7 +110,7 @@ class Hashes:
 
 def write_manifest(out: Path, records: dict[str, StepRecord], order: Sequence[str]) -> Path:
     """Atomically: a reader never sees half a manifest, an interrupted run keeps its steps."""
-    from .report import write_json
+    from ..core.render import write_json
 
     ordered = [n for n in order if n in records] + [n for n in records if n not in order]
     steps_data = {n: records[n].to_dict() for n in ordered}

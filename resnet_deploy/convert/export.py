@@ -20,15 +20,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .choices import DEFAULT_OPSET, EXPORTERS, SIMPLIFIERS, Exporter, Simplifier
-from .errors import CheckFailed, UserError
-from .files import atomic_output
-from .machine import package_versions
-from .metrics import TOLERANCES, CheckResult
-from .model import LoadedWeights
-from .preprocess import (ModelMetadata, PreprocessSpec, image_inputs, list_images, random_inputs,
-                         write_metadata)
-from .runtime import OrtBackend, TorchBackend
+from ..artifact.metadata import ModelMetadata, write_metadata
+from ..core.choices import DEFAULT_OPSET, EXPORTERS, SIMPLIFIERS, Exporter, Simplifier
+from ..core.errors import CheckFailed, UserError
+from ..core.files import atomic_output
+from ..core.machine import package_versions
+from ..core.metrics import TOLERANCES, CheckResult
+from ..data.images import image_inputs, list_images, random_inputs
+from ..data.spec import PreprocessSpec
+from ..runtime.runners import OrtBackend, TorchBackend
+from ..weights.checkpoints import LoadedWeights
 
 if TYPE_CHECKING:
     import onnx
@@ -244,7 +245,7 @@ def export(model: nn.Module, weights: LoadedWeights, spec: PreprocessSpec, outpu
     """
     import onnx
 
-    from . import layers
+    from ..artifact import layers
 
     if labels is None:
         labels, labels_source = weights.labels, weights.labels_source

@@ -1,13 +1,4 @@
-"""Checkpoint to servable artifacts in one run, with a manifest that proves what came from what.
-
-The steps are the library's own functions, in order: export, quantize, FP16 (when a GPU
-provider is asked for), parity, evaluate (with labelled images), bench, report and the Triton
-repository. ``manifest.json`` records per step its inputs (with content hashes), options,
-outputs (path, bytes, sha256) and results. This is Make's rule with hashes for times: a step
-runs again only when an input's hash or an option changed, or an output is missing or no
-longer has its recorded hash; since a step's inputs include the hashes of the outputs it
-consumes, a change ripples down exactly the steps that depend on it. The manifest is written
-atomically after every step, so an interrupted run keeps the steps it finished.
+"""The pipeline's steps for a ResNet checkpoint, and the run that executes them.
 """
 
 from __future__ import annotations
@@ -21,22 +12,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .choices import Exporter, Method, Target, TrtPrecision
-from .errors import CheckFailed, UserError
-from .machine import describe, machine_info
+from ..core.choices import Exporter, Method, Target, TrtPrecision
+from ..core.errors import CheckFailed, UserError
+from ..core.files import write_text
+from ..core.machine import describe, machine_info
+from ..core.metrics import ToleranceOverrides
+from ..core.render import write_json
+from ..data.spec import PreprocessSpec
+from ..serving.triton import TritonOptions
 from .manifest import (BUILT, FAILED, MANIFEST, UP_TO_DATE, Hashes, StepRecord, digest,
                        read_manifest, records_of, step_key, write_manifest)
-from .metrics import ToleranceOverrides
-from .package import TritonOptions
-from .preprocess import PreprocessSpec
-from .report import Column, cell, format_markdown, write_json, write_text
+from .report import report_markdown
 
 log = logging.getLogger(__name__)
 
 DEFAULT_NAME = "resnet18"
+
 PRODUCERS = {"fp32": "export", "int8": "quantize", "fp16": "fp16"}
+
 REPOSITORY = "model_repository"
+
 GPU_PROVIDERS = ("cuda", "tensorrt")
+
 # What the manifest keeps of each bench row (the full rows are in bench.json).
 BENCH_KEYS = ("model", "provider", "precision", "batch_size", "p10_ms", "p50_ms", "p90_ms",
               "throughput_ips")
@@ -109,8 +106,6 @@ class Outcome:
     results: dict[str, Any]
 
 
-# --- the steps -----------------------------------------------------------------------------
-
 @dataclass(frozen=True)
 class Step:
     name: str
@@ -162,7 +157,7 @@ class Run:
 
     def torch_model(self) -> tuple[Any, Any]:
         if self._torch is None:
-            from .model import load_model
+            from ..weights.checkpoints import load_model
 
             self._torch = load_model(self.options.weights, num_classes=self.options.num_classes,
                                      seed=self.options.seed)
@@ -174,7 +169,7 @@ class Run:
 
 
 def _export(run: Run) -> Outcome:
-    from .export import ExportOptions, export
+    from ..convert.export import ExportOptions, export
 
     o = run.options
     model, loaded = run.torch_model()
@@ -196,7 +191,8 @@ def _export(run: Run) -> Outcome:
 
 
 def _quantize(run: Run) -> Outcome:
-    from .quantize import QuantizeOptions, quantize
+    from ..convert.quantize.publish import quantize
+    from ..convert.quantize.recipe import QuantizeOptions
 
     o = run.options
     # The gate checks on --eval-images when given; otherwise quantize holds photos back.
@@ -225,7 +221,7 @@ def _quantize_results(result: Any) -> dict[str, Any]:
 
 
 def _fp16(run: Run) -> Outcome:
-    from .fp16 import Fp16Options, convert_fp16
+    from ..convert.fp16 import Fp16Options, convert_fp16
 
     result = convert_fp16(run.model_path("fp32"), run.model_path("fp16"),
                           options=Fp16Options(check_images=None, seed=run.options.seed))
@@ -234,8 +230,8 @@ def _fp16(run: Run) -> Outcome:
 
 
 def _parity(run: Run) -> Outcome:
-    from .parity import ParityOptions, check, make_inputs, model_spec, run_parity
-    from .runtime import ModelFile
+    from ..artifact.model_file import ModelFile
+    from ..checks.parity import ParityOptions, check, make_inputs, model_spec, run_parity
 
     o = run.options
     files = [ModelFile.read(p) for p in run.model_paths()]
@@ -263,7 +259,7 @@ def _parity(run: Run) -> Outcome:
 
 
 def _evaluate(run: Run) -> Outcome:
-    from .evaluate import EvaluateOptions, evaluate
+    from ..checks.evaluate import EvaluateOptions, evaluate
 
     assert run.options.eval_images is not None
     result = evaluate(run.model_paths(), run.options.eval_images,
@@ -276,7 +272,7 @@ def _evaluate(run: Run) -> Outcome:
 
 
 def _bench(run: Run) -> Outcome:
-    from .bench import BenchOptions, busy_warning, run_bench
+    from ..checks.bench import BenchOptions, busy_warning, run_bench
 
     o = run.options
     rows, reports, results = [], [], []  # type: ignore[var-annotated]
@@ -294,7 +290,7 @@ def _bench(run: Run) -> Outcome:
 
 
 def _report(run: Run) -> Outcome:
-    from .report import plot_bench
+    from ..core.render import plot_bench
 
     records = run.records
     outputs = [run.out / "report.md"]
@@ -309,7 +305,7 @@ def _report(run: Run) -> Outcome:
 
 
 def _triton(run: Run) -> Outcome:
-    from .package import package_triton
+    from ..serving.repository import package_triton
 
     options, per_model = triton_plan(run)
     result = package_triton(run.model_paths(), run.out / REPOSITORY, options=options,
@@ -390,8 +386,6 @@ def steps(options: PipelineOptions) -> list[Step]:
     return plan
 
 
-# --- running ---------------------------------------------------------------------------------
-
 def known_steps() -> tuple[str, ...]:
     """Every step the pipeline can run, in order: its plan with every optional step on."""
     everything = PipelineOptions(eval_images=Path("."), providers=("cpu", "cuda"),
@@ -426,7 +420,7 @@ def run_pipeline(output: str | Path, options: PipelineOptions, *,
     figures, when it measured any) before the error propagates; steps after it keep their
     previous records, which ``verify`` then reports as stale.
     """
-    from .runtime import require_provider
+    from ..runtime.providers import require_provider
 
     out = Path(output)
     if out.exists() and not out.is_dir():
@@ -479,109 +473,3 @@ def run_pipeline(output: str | Path, options: PipelineOptions, *,
         say(f"{prefix} built in {seconds:.1f}s")
     path = write_manifest(out, records, order)
     return PipelineResult(str(out), str(path), tuple(records[n] for n in order))
-
-
-# --- the report ------------------------------------------------------------------------------
-
-def report_markdown(records: dict[str, StepRecord], plot: str | None) -> str:
-    """report.md: provenance and caveats first, then artifacts, INT8, parity, accuracy and
-    latency, from the step records."""
-    parts = ["# resnet-deploy pipeline report\n", *provenance_lines(records, markdown=True)]
-    artifacts = [{**o, "sha256": o["sha256"][:16]} for n, r in records.items()
-                 if n not in ("report", "triton") for o in r.outputs]
-    parts.append("## Artifacts\n\n" + format_markdown(artifacts, [
-        ("path", "file"), Column("bytes", "bytes", "int"), ("sha256", "sha256 (first 16)"),
-        ("step", "step")]))
-    quant = records.get("quantize")
-    if quant is not None:
-        q = quant.results
-        notes = "".join(f"\n\nNote: {note}" for note in q.get("notes", []))
-        parts.append(f"## INT8\n\nTarget {q['target']}, {q['method']} calibration on "
-                     f"{q['num_calibration']} photos; check on {q['held_out']} photos: "
-                     f"top-1 agreement {cell(q['top1_agreement'], 'share')}, cosine "
-                     f"p1 {cell(q['cosine_p1'], 'cosine')}; size {q['size_ratio']:.0%} of "
-                     f"FP32.{notes}\n")
-    parity = records.get("parity")
-    if parity is not None:
-        verdicts = {True: "PASS", False: "FAIL", None: "skipped"}
-        rows = [{**b, "verdict": verdicts[b["passed"]], "judged": judged_text(b)}
-                for b in parity.results["backends"]]
-        parts.append(f"## Parity against PyTorch ({parity.results['inputs']})\n\n"
-                     + format_markdown(rows, [
-                         ("backend", "backend"), ("precision", "prec"),
-                         Column("judged", "judged on", means="the figure each verdict rests "
-                                "on: max abs diff (FP32), worst cosine (FP16), 1st-percentile "
-                                "cosine (INT8), and top-1 agreement"),
-                         ("tolerance", "must meet"), ("verdict", "verdict")]))
-    evaluation = records.get("evaluate")
-    if evaluation is not None:
-        e = evaluation.results
-        chance = [m["model"] for m in e["models"] if m.get("near_chance")]
-        warning = (f"\n**Warning:** top-1 of {', '.join(chance)} is within 2 points of chance "
-                   f"(1/{e['models'][0].get('classes')}): check the preprocessing and labels "
-                   "above.\n" if chance else "")
-        parts.append(f"## Accuracy on {e['images']} labelled photos\n\n"
-                     + format_markdown(e["models"], [
-                         ("model", "model"), ("precision", "prec"),
-                         Column("top1", "top-1", "share"), Column("top5", "top-5", "share"),
-                         Column("top1_agreement", "agrees with first", "share"),
-                         Column("top1_drop_pt", "top-1 drop", "points")]) + warning)
-    bench = records.get("bench")
-    if bench is not None:
-        busy = bench.results.get("busy")
-        parts.append("## Latency\n\n" + (f"**Warning:** {busy}.\n\n" if busy else "")
-                     + format_markdown(bench.results["rows"], [
-                         ("model", "model"), ("provider", "provider"), ("precision", "prec"),
-                         Column("batch_size", "batch", "int"), Column("p50_ms", "p50 ms", "ms"),
-                         Column("p90_ms", "p90 ms", "ms"),
-                         Column("throughput_ips", "img/s", "number")]))
-        if plot:
-            parts.append(f"![latency and throughput]({plot})\n")
-    return "\n".join(parts)
-
-
-# How each figure a verdict rests on is written, in the order rules are listed.
-_JUDGED = {"max_abs_diff": ("max abs diff", "error"), "cosine_min": ("worst cosine", "cosine"),
-           "cosine_p1": ("cosine p1", "cosine"), "top1_agreement": ("top-1", "share")}
-
-
-def judged_text(backend: dict[str, Any]) -> str:
-    """``cosine p1 0.998600, top-1 99.50%``: the figures a parity verdict rests on."""
-    figures = backend.get("judged_on") or {}
-    return ", ".join(f"{_JUDGED[k][0]} {cell(v, _JUDGED[k][1])}"  # type: ignore[arg-type]
-                     for k, v in figures.items() if k in _JUDGED) or "-"
-
-
-def provenance_lines(records: dict[str, StepRecord], *, markdown: bool = False) -> list[str]:
-    """What every report states before its figures: the date and machine, the checkpoint
-    (name, sha256 prefix), the preprocessing with its sources, the labels' source, and the
-    caveats (random weights, a busy machine)."""
-    from .card import Preprocessing
-    from .preprocess import PreprocessSpec
-
-    export = records.get("export")
-    e = export.results if export is not None else {}
-    lines = [f"Date: {time.strftime('%Y-%m-%d %H:%M %Z')}", f"Machine: {describe()}"]
-    if e:
-        sha = (e.get("sha256") or "")[:12]
-        lines.append(f"Checkpoint: {e.get('checkpoint')} (sha256 {sha})"
-                     if e.get("checkpoint") not in ("random", "imagenet", None)
-                     else f"Weights: {e.get('weights')}")
-        if e.get("preprocess"):
-            spec = PreprocessSpec.from_dict(e["preprocess"])
-            sources = e.get("preprocess_sources") or {}
-            lines.append("Preprocessing: " + (Preprocessing(spec, sources).describe()
-                                              if sources else
-                                              f"{spec.input_size} px crop, resize "
-                                              f"{spec.resize_size}"))
-        lines.append(f"Labels: {e.get('labels', 'unknown')}")
-    caveats = []
-    if e.get("untrained"):
-        caveats.append("RANDOM WEIGHTS: the PyTorch model is untrained; every figure below "
-                       "checks the plumbing only, and its accuracy is meaningless")
-    bench = records.get("bench")
-    if bench is not None and bench.results.get("busy"):
-        caveats.append(f"{bench.results['busy']}: the latency figures are loose")
-    if markdown:
-        return ["  \n".join(lines) + "\n", *(f"> **Warning:** {c}\n" for c in caveats)]
-    return lines + [f"warning: {c}" for c in caveats]

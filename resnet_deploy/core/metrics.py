@@ -271,3 +271,8 @@ TOLERANCES: dict[str, Tolerance] = {
     "fp16": Tolerance(min_cosine=0.999, min_top1=0.99),
     "int8": Tolerance(min_cosine_p1=0.97, min_top1=0.97),
 }
+
+
+def hits(logits: np.ndarray, targets: np.ndarray, k: int) -> int:
+    """How many rows have their target among the ``k`` largest logits."""
+    return int((top_k(logits, k) == targets[:, None]).any(axis=1).sum())

@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .choices import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS
-from .errors import UserError
+from ..core.choices import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS
+from ..core.errors import UserError
 
 if TYPE_CHECKING:
-    from .preprocess import PreprocessSpec
+    from ..data.spec import PreprocessSpec
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +235,7 @@ def resolve_preprocess(given: Mapping[str, Any], card: ModelCard | None = None, 
     came from; so does one the card gives for another input size than the one in use.
     ``defaults`` holds ImageNet's sizes and normalisation.
     """
-    from .preprocess import PreprocessSpec, default_resize
+    from ..data.spec import PreprocessSpec, default_resize
 
     card_values = card.spec_values() if card is not None else {}
     card_source = str(card.path) if card is not None else ""

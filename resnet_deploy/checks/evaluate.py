@@ -15,10 +15,13 @@ from typing import Any
 
 import numpy as np
 
-from .calibration import hits, labelled_images, warn_skipped
-from .errors import UserError
-from .preprocess import PreprocessSpec, load_batch
-from .runtime import ModelFile
+from ..artifact.model_file import ModelFile
+from ..runtime.runners import OrtBackend
+from ..core.errors import UserError
+from ..core.metrics import hits
+from ..data.folders import labelled_images, warn_skipped
+from ..data.images import load_batch
+from ..data.spec import PreprocessSpec
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +130,7 @@ def evaluate(models: Sequence[str | Path], images: str | Path, *,
         entries.append(_Entry(file.path, spec, file.precision, targets, mapping,
                               untrained=untrained, file=file))
     for entry in entries:
-        entry.backend = entry.file.backend(options.provider)
+        entry.backend = OrtBackend.for_file(entry.file, options.provider)
     specs = list(dict.fromkeys(e.spec for e in entries))
     skipped: set[Path] = set()
     paths = list(folder.paths)

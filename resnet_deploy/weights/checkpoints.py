@@ -1,65 +1,27 @@
-"""Where a ResNet-18's weights come from: the published record, checkpoints, a seeded init.
+"""Where a network's weights come from: a checkpoint read safely, the published
+file, or a seeded init; and the PyTorch model behind an exported one.
 
-The network itself is in :mod:`resnet_deploy.resnet` (torchvision's key names, so a
-torchvision checkpoint loads with no torchvision installed); it is imported only when a
-model is built, so that this module, and every command that only reads ONNX files, stays
-free of torch at import time.
+The network itself is in :mod:`.resnet`; it is imported only when a model
+is built, so that commands that only read ONNX files stay free of torch.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import UserError
+from ..core.errors import UserError
+from ..core.files import file_sha256
+from .published import IMAGENET, IMAGENET1K_V1, RANDOM, imagenet_labels
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
+
 log = logging.getLogger(__name__)
-
-RANDOM = "random"
-IMAGENET = "imagenet"
-
-
-@dataclass(frozen=True)
-class PublishedWeights:
-    """Everything known about a published checkpoint, kept in one record."""
-
-    name: str
-    url: str
-    filename: str
-    sha256_prefix: str
-    num_classes: int
-    input_size: int
-    resize_size: int
-    top1: float
-    labels_resource: str
-
-
-IMAGENET1K_V1 = PublishedWeights(
-    name="IMAGENET1K_V1",
-    url="https://download.pytorch.org/models/resnet18-f37072fd.pth",
-    filename="resnet18-f37072fd.pth",
-    sha256_prefix="f37072fd",
-    num_classes=1000,
-    input_size=224,
-    resize_size=256,
-    top1=0.69758,
-    labels_resource="imagenet_classes.txt",
-)
-
-
-def imagenet_labels() -> list[str]:
-    """The 1000 ImageNet class names, in torchvision's index order."""
-    text = resources.files(__package__).joinpath(IMAGENET1K_V1.labels_resource).read_text("utf-8")
-    return text.splitlines()
 
 
 def resnet18(*, num_classes: int = 1000) -> nn.Module:
@@ -91,14 +53,6 @@ class LoadedWeights:
             return (f"torchvision {IMAGENET1K_V1.name} (published ImageNet top-1 "
                     f"{IMAGENET1K_V1.top1:.2%}, sha256 {(self.sha256 or '?')[:12]})")
         return f"{self.source} (sha256 {self.sha256[:12] if self.sha256 else '?'})"
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def load_model(weights: str = IMAGENET, *, num_classes: int | None = None,

@@ -20,7 +20,7 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any, Literal
 
-from . import __version__
+from .. import __version__
 
 Int8Path = Literal["amx", "avx512-vnni", "avx-vnni", "avx512", "avx2", "other"]
 

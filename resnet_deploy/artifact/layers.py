@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import onnx
 
-    from .preprocess import ModelMetadata
+    from .metadata import ModelMetadata
 
 METADATA_KEY = "layers"
 SCOPES_KEY = "pkg.torch.onnx.name_scopes"

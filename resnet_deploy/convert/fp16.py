@@ -17,13 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import CheckFailed, UserError
+from ..artifact.metadata import load_onnx, write_metadata
+from ..artifact.model_file import ModelFile, model_precision
+from ..core.errors import CheckFailed, UserError
+from ..core.files import atomic_output, beside, file_sha256
+from ..core.metrics import TOLERANCES, CheckResult
+from ..data.spec import PreprocessSpec
+from ..runtime.runners import OrtBackend, run_batched
 from .export import parity_inputs
-from .files import atomic_output, beside
-from .metrics import TOLERANCES, CheckResult
-from .model import file_sha256
-from .preprocess import PreprocessSpec, load_onnx, write_metadata
-from .runtime import ModelFile, OrtBackend, model_precision, run_batched
 
 if TYPE_CHECKING:
     import onnx

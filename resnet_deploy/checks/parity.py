@@ -18,13 +18,15 @@ from typing import Any
 
 import numpy as np
 
-from .calibration import warn_skipped
-from .errors import CheckFailed, ProviderUnavailable, UserError
-from .files import atomic_output
-from .metrics import CheckResult, Comparison, ToleranceOverrides
-from .preprocess import PreprocessSpec, list_images, load_batch, seeded_subset
-from .runtime import (Backend, ModelFile, TorchBackend, provider_name, short_provider,
-                      torch_devices)
+from ..artifact.model_file import ModelFile
+from ..core.errors import CheckFailed, ProviderUnavailable, UserError
+from ..core.files import atomic_output
+from ..core.metrics import CheckResult, Comparison, ToleranceOverrides
+from ..data.folders import warn_skipped
+from ..data.images import list_images, load_batch, seeded_subset
+from ..data.spec import PreprocessSpec
+from ..runtime.providers import provider_name, short_provider
+from ..runtime.runners import Backend, OrtBackend, TorchBackend, torch_devices
 
 log = logging.getLogger(__name__)
 
@@ -283,7 +285,7 @@ def run_parity(models: Sequence[ModelFile], *, inputs: Inputs, weights_model: An
             raise UserError(f"--reference {reference_name!r}: use torch or MODEL@PROVIDER")
         opened = next((m for m in models if m.path == Path(model)), None) \
             or ModelFile.read(model, options.output_name)
-        reference_backend = opened.backend(provider)
+        reference_backend = OrtBackend.for_file(opened, provider)
         ran.add(f"{Path(model)}@{short_provider(provider_name(provider))}")
         reference_precision = opened.precision
     report = ParityReport(reference_name, {})
@@ -301,7 +303,7 @@ def run_parity(models: Sequence[ModelFile], *, inputs: Inputs, weights_model: An
             model_file.warn_if_wrong_cpu(provider)
             row = BackendResult(name, str(model_file.path), provider, model_file.precision)
             try:
-                candidates.append((row, model_file.backend(provider)))
+                candidates.append((row, OrtBackend.for_file(model_file, provider)))
             except ProviderUnavailable as exc:
                 if not options.skip_unavailable:
                     raise
@@ -340,7 +342,8 @@ def compare_backends(models: Sequence[str | Path], *, weights: str | None = None
     """What ``resnet-deploy parity`` does: open the models, build the reference and the
     inputs, compare, and save golden outputs when asked. ``spec`` overrides the models'
     own preprocessing; a random ``weights`` init is rebuilt exactly as the first model's."""
-    from .model import IMAGENET1K_V1, load_for
+    from ..weights.checkpoints import load_for
+    from ..weights.published import IMAGENET1K_V1
 
     if images is not None and random_count is not None:
         raise UserError("give either --images or --random, not both")

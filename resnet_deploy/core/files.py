@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import stat
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    pass
 
 
 @contextlib.contextmanager
@@ -127,3 +132,11 @@ def check_outputs(outputs: Mapping[str, Path | None], inputs: Iterable[Path | No
                 raise UserError(f"{name} {path}: is also {other_name}; give each output its "
                                 "own path")
         seen.append((name, path))
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
