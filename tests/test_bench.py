@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -116,7 +117,7 @@ def test_busy_machine_is_named_quiet_machine_is_not() -> None:
 def test_busy_warning_printed_by_the_cli(random_onnx: Path,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """Timings with a slow tail in every third call, as when another job shares the cores."""
-    def noisy(runners, options, say, batch, which=""):
+    def noisy(runners, inputs, options, say, batch, which=""):
         return [[(3_000_000 if i % 3 == 0 else 1_000_000) for i in range(12)] for _ in runners]
 
     monkeypatch.setattr(bench, "_interleave", noisy)
@@ -131,18 +132,29 @@ def test_busy_warning_printed_by_the_cli(random_onnx: Path,
 
 class _Recorder(Runner):
     def __init__(self, name: str, log: list[str]) -> None:
-        self.name, self.log = name, log
+        super().__init__()
+        self.name, self.log, self.active = name, log, True
 
-    def timed_ns(self) -> int:
+    def _activate_impl(self) -> None:
+        pass
+
+    def _deactivate_impl(self) -> None:
+        pass
+
+    def _infer_impl(self, batch: np.ndarray) -> np.ndarray:
         self.log.append(self.name)
-        return 1000
+        self.last_inference_ns = 1000
+        return batch
+
+
+_BATCH = np.zeros((1, 3, 8, 8), np.float32)
 
 
 def test_round_robin_blocks_with_rotating_order() -> None:
     calls: list[str] = []
     runners = [_Recorder("a", calls), _Recorder("b", calls), _Recorder("c", calls)]
     lines: list[tuple[str, bool]] = []
-    samples = _interleave(runners, BenchOptions(iterations=6, block=2),
+    samples = _interleave(runners, [_BATCH] * 3, BenchOptions(iterations=6, block=2),
                           lambda m, transient=False: lines.append((m, transient)), 4,
                           " (2 of 3)")
     assert [len(s) for s in samples] == [6, 6, 6]
@@ -158,7 +170,7 @@ def test_duration_mode_gives_equal_counts() -> None:
     calls: list[str] = []
     runners = [_Recorder("a", calls), _Recorder("b", calls)]
     options = BenchOptions(duration_s=10e-6, block=1)  # 10 us per runner at 1 us a call
-    samples = _interleave(runners, options, lambda m, transient=False: None, 1)
+    samples = _interleave(runners, [_BATCH] * 2, options, lambda m, transient=False: None, 1)
     assert len(samples[0]) == len(samples[1]) == 10
 
 

@@ -15,7 +15,7 @@ from resnet_deploy.checks.evaluate import EvaluateOptions, evaluate
 from resnet_deploy.cli import main
 from resnet_deploy.core.errors import UserError
 from resnet_deploy.data.images import list_images, load_batch
-from resnet_deploy.runtime.runners import OrtBackend
+from resnet_deploy.runtime.runners import run_model
 
 from .conftest import CALIBRATION, CIFAR_DEV, assert_names_machine
 
@@ -27,7 +27,7 @@ def _invoke(*args: object) -> object:
 def _predictions(model: Path, paths: list[Path]) -> np.ndarray:
     batch, used, _ = load_batch(paths, read_metadata(model).preprocess)
     assert used == paths
-    return OrtBackend(model).infer(batch)
+    return run_model(model, batch, len(batch))
 
 
 def test_cli_side_by_side_json_matches_a_manual_count(random_onnx: Path, image_folder: Path,

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from resnet_deploy.artifact.metadata import read_metadata
 from resnet_deploy.cli import main
-from resnet_deploy.runtime.runners import OrtBackend
+from resnet_deploy.runtime.runners import OrtRunner, run_model
 
 from .conftest import CIFAR_CKPT, CIFAR_DEV, assert_names_machine
 
@@ -56,7 +56,7 @@ def test_export_both_exporters(tmp_path: Path, exporter: str) -> None:
                 "had already folded BatchNorm") in result.output
     # The dynamic axis really works in ORT at a batch size never seen at export.
     x = np.random.default_rng(0).standard_normal((5, 3, 64, 64), dtype=np.float32)
-    assert OrtBackend(out).infer(x).shape == (5, 10)
+    assert run_model(out, x, 5).shape == (5, 10)
 
 
 def test_static_batch_and_no_sidecar(tmp_path: Path) -> None:
@@ -171,8 +171,8 @@ def test_label_count_mismatch(tmp_path: Path) -> None:
 
 
 def test_parity_failure_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    original = OrtBackend._infer_impl
-    monkeypatch.setattr(OrtBackend, "_infer_impl", lambda self, b: original(self, b) + 0.5)
+    original = OrtRunner._infer_impl
+    monkeypatch.setattr(OrtRunner, "_infer_impl", lambda self, b: original(self, b) + 0.5)
     out = tmp_path / "m.onnx"
     result = run("export", "--weights", "random", "--num-classes", "4", "--input-size", "32",
                  "--exporter", "torchscript", "-o", out)

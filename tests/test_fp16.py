@@ -17,7 +17,7 @@ from resnet_deploy.convert.fp16 import convert_fp16, default_output
 from resnet_deploy.core.errors import CheckFailed, UserError
 from resnet_deploy.core.metrics import compare
 from resnet_deploy.data.images import image_inputs
-from resnet_deploy.runtime.runners import OrtBackend
+from resnet_deploy.runtime.runners import run_model
 
 from .conftest import CALIBRATION, assert_names_machine
 
@@ -58,8 +58,8 @@ def test_fp16_logits_close_to_fp32_on_calibration_images(fp16_pair: tuple[Path, 
     assert meta is not None
     images, used = image_inputs(CALIBRATION, meta.preprocess)
     assert len(used) >= 10
-    reference = OrtBackend(fp32, "cpu").infer(images)
-    half = OrtBackend(fp16, "cpu").infer(images)
+    reference = run_model(fp32, images, len(images))
+    half = run_model(fp16, images, len(images))
     assert half.dtype == np.float32
     cmp = compare(reference, half)
     assert cmp.cosine_min > 0.999, cmp

@@ -1060,7 +1060,7 @@ CASES = [
     Case("fp16-sigterm", 9, "convert-fp16 {model} -o {out}/f.onnx --check-images {few}", 143,
          interrupt=("resnet_deploy.convert.fp16.check_fp16", TERM)),
     Case("parity-sigint", 9, f"{P} --random 4 --weights random --json {{out}}/r.json", 130,
-         interrupt=("resnet_deploy.runtime.runners.OrtBackend._infer_impl", INT)),
+         interrupt=("resnet_deploy.runtime.runners.OrtRunner._infer_impl", INT)),
     Case("evaluate-sigint", 9, "evaluate --model {model} --images {labelled10}", 130,
          interrupt=("resnet_deploy.checks.evaluate.load_batch", INT)),
     Case("bench-sigterm", 9, "bench --model {model} --iterations 2 --json {out}/b.json", 143,
@@ -1220,11 +1220,11 @@ CASES = [
 
     # 11 memory does not grow with the image count: every backend sees --batch-size
     Case("parity-torch-streams", 11, "parity --model {model} --images {photos} --weights random "
-         "--batch-size 2", 0, spy=("resnet_deploy.runtime.runners.TorchBackend.infer",
-                                   "resnet_deploy.runtime.runners.OrtBackend.infer"),
+         "--batch-size 2", 0, spy=("resnet_deploy.runtime.runners.TorchRunner.infer",
+                                   "resnet_deploy.runtime.runners.OrtRunner.infer"),
          check=_batches_within(2)),
     Case("evaluate-streams", 11, "evaluate --model {model} --images {labelled10} "
-         "--batch-size 3", 0, spy=("resnet_deploy.runtime.runners.OrtBackend.infer",),
+         "--batch-size 3", 0, spy=("resnet_deploy.runtime.runners.OrtRunner.infer",),
          check=_batches_within(3)),
 ]
 
@@ -1344,7 +1344,7 @@ COMMANDS = {
     "export": "export --weights random --num-classes 10 --input-size 64 -o {out}/e.onnx",
     "pipeline": "pipeline --weights random --num-classes 10 --input-size 32 --exporter "
                 "torchscript --calibration " + str(CALIBRATION) + " --num-samples 8 "
-                "--bench-iterations 2 -o {out}/pipe",
+                "--bench-iterations 2 --min-top1 0 --min-cosine 0 -o {out}/pipe",
 }
 
 
@@ -1368,7 +1368,9 @@ def test_a_signal_at_any_moment(command: str, signum: int, delay: float,
     if proc.returncode == 0:  # it finished first: then its output is whole
         assert list(out.iterdir()), stderr
         return
-    assert proc.returncode == 128 + signum, stderr
+    # 128 + signum: our handler ran; -signum: the signal came while the interpreter was still
+    # starting, before any of our code (a shell reports both as 128 + signum).
+    assert proc.returncode in (128 + signum, -signum), stderr
     assert TRACEBACK not in stderr
     errors = [line for line in stderr.splitlines() if line.startswith(ERROR_PREFIXES)]
     assert len(errors) <= 1, stderr

@@ -28,7 +28,7 @@ from resnet_deploy.core.metrics import TOLERANCES, Tolerance, compare
 from resnet_deploy.data.folders import labelled_images, read_images
 from resnet_deploy.data.images import list_images
 from resnet_deploy.runtime.providers import SessionConfig
-from resnet_deploy.runtime.runners import OrtBackend, run_batched
+from resnet_deploy.runtime.runners import run_model
 
 from .conftest import CALIBRATION, CIFAR_CALIB, CIFAR_DEV, assert_names_machine
 
@@ -175,9 +175,8 @@ def test_unfused_simulation_matches_the_fused_kernels_on_7_bit_weights(
     an order of magnitude inside INT8's distance from FP32."""
     spec = read_metadata(by_target["cpu"]).preprocess
     batch, _ = read_images(list_images(CALIBRATION), spec)
-    fused = run_batched(OrtBackend(by_target["cpu"]), batch, 8)
-    simulated = run_batched(OrtBackend(by_target["cpu"], config=SessionConfig(
-        simulate_int8=True)), batch, 8)
+    fused = run_model(by_target["cpu"], batch, 8)
+    simulated = run_model(by_target["cpu"], batch, 8, config=SessionConfig(simulate_int8=True))
     cmp = compare(fused, simulated)
     assert cmp.top1_agreement == 1.0 and cmp.cosine_min > 0.998
 
@@ -217,8 +216,8 @@ def test_default_int8_keeps_cifar_accuracy_on_this_cpu(cifar_onnx: Path, tmp_pat
     assert check["passed"] and check["n"] == 1000 - 256  # the photos calibration did not use
     dev = labelled_images(CIFAR_DEV).subset(1000, seed=1)
     batch, _ = read_images(list(dev.paths), read_metadata(cifar_onnx).preprocess)
-    fp32_logits = run_batched(OrtBackend(cifar_onnx), batch, 100)
-    int8_logits = run_batched(OrtBackend(int8), batch, 100)
+    fp32_logits = run_model(cifar_onnx, batch, 100)
+    int8_logits = run_model(int8, batch, 100)
     cmp = compare(fp32_logits, int8_logits)
     assert cmp.top1_agreement >= 0.985, cmp
     assert not TOLERANCES["int8"].failures(cmp)

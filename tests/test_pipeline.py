@@ -3,16 +3,22 @@ change, and a manifest whose hashes prove it."""
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
 
 from resnet_deploy.cli import main
 from resnet_deploy.core.files import file_sha256
+from resnet_deploy.core.metrics import ToleranceOverrides
+from resnet_deploy.data.spec import PreprocessSpec
 from resnet_deploy.pipeline import steps as pipeline_module
+from resnet_deploy.pipeline.engine import Outcome
 from resnet_deploy.pipeline.manifest import FORMAT
 from resnet_deploy.pipeline.steps import PipelineOptions, run_pipeline
 from resnet_deploy.pipeline.verify import verify
@@ -88,7 +94,8 @@ def test_the_manifest_lists_every_file_with_its_hash(first: Path) -> None:
     photos = quantize["inputs"]["calibration"]["files"]
     assert len(photos) == 17 and photos["astronaut.jpg"] == file_sha256(
         CALIBRATION / "astronaut.jpg")
-    assert quantize["options"]["num_samples"] == 8 and quantize["results"]["check_passed"]
+    assert quantize["options"]["options"]["num_samples"] == 8  # QuantizeOptions, as passed
+    assert quantize["results"]["check_passed"]
     assert data["steps"]["export"]["inputs"]["weights"] == {"kind": "value", "value": "random"}
     assert data["steps"]["parity"]["results"]["passed"] is True
     assert len(data["steps"]["evaluate"]["results"]["models"]) == 2
@@ -190,7 +197,7 @@ def test_an_interrupted_run_keeps_its_finished_steps(
         monkeypatch: pytest.MonkeyPatch) -> None:
     out = _copy(first, tmp_path)
 
-    def interrupted(run: object) -> None:
+    def interrupted(*args: object) -> None:
         raise KeyboardInterrupt
 
     monkeypatch.setattr(pipeline_module, "_report", interrupted)
@@ -237,3 +244,85 @@ def test_outputs_that_would_change_the_inputs_are_exit_2(inputs: dict[str, Path]
     result = _invoke(*_args(inputs, out), "--json", out / "manifest.json")
     assert result.exit_code == 2 and "is inside the output folder" in result.output
     assert list(out.iterdir()) == []
+
+
+# --- each option rebuilds exactly its step and what depends on it ------------------------------
+
+# Which steps a PipelineOptions field reaches directly (through the plan each step passes to
+# the library). Fields that are inputs (hashed by content) or change which steps exist are
+# tested elsewhere: weights, calibration, eval_images, providers.
+DIRECT = {
+    "num_classes": {"export"}, "spec": {"export"}, "spec_sources": {"export"},
+    "labels": {"export"}, "labels_source": {"export"}, "exporter": {"export"},
+    "dynamic_batch": {"export"}, "name": {"export", "quantize", "fp16", "triton"},
+    "method": {"quantize"}, "num_samples": {"quantize"}, "target": {"quantize"},
+    "gate": {"quantize", "parity"}, "parity_limit": {"parity"},
+    "bench_batch_sizes": {"bench"}, "bench_iterations": {"bench"}, "bench_warmup": {"bench"},
+    "triton": {"triton"}, "seed": {"export", "quantize", "fp16", "parity", "evaluate", "bench"},
+}
+NOT_PLANNED = {"weights", "calibration", "eval_images", "providers", "force"}
+DOWNSTREAM = {"export": {"quantize", "fp16", "parity", "evaluate", "bench", "report", "triton"},
+              "quantize": {"parity", "evaluate", "bench", "report", "triton"},
+              "fp16": {"parity", "evaluate", "bench", "report", "triton"},
+              "parity": {"report"}, "evaluate": {"report"}, "bench": {"report"},
+              "report": set(), "triton": set()}
+CHANGED = {
+    "num_classes": 12, "spec": PreprocessSpec.create(40),
+    "spec_sources": {"input_size": "given"}, "labels": tuple(f"k{i}" for i in range(10)),
+    "labels_source": "other.txt", "exporter": "dynamo", "dynamic_batch": False,
+    "name": "renamed", "method": "percentile", "num_samples": 9, "target": "cpu-vnni",
+    "gate": ToleranceOverrides(min_top1=0.5, precisions=("int8",)), "parity_limit": 7,
+    "bench_batch_sizes": (1, 2), "bench_iterations": 4, "bench_warmup": 1,
+    "triton": TritonOptions(max_batch_size=8), "seed": 5,
+}
+
+
+def _fake_steps(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every step's run replaced by one that writes its files, new content each time it
+    runs (a rebuilt artifact differs), and records which steps ran."""
+    from resnet_deploy.pipeline import facts
+    from resnet_deploy.runtime import providers
+
+    ran: list[str] = []
+    runs = itertools.count()
+
+    def fake(step: str, files: Any) -> Any:
+        def run(r: Any, plan: Any) -> Outcome:
+            ran.append(step)
+            paths = [r.out / f for f in files(r, plan)]
+            for path in paths:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(f"{step} run {next(runs)}")
+            return Outcome(tuple(paths), facts.FACTS[step]())
+        return run
+
+    outputs = {"export": lambda r, p: [p.output], "quantize": lambda r, p: [p.output],
+               "fp16": lambda r, p: [p.output], "parity": lambda r, p: ["parity.json"],
+               "evaluate": lambda r, p: ["evaluate.json"], "bench": lambda r, p: ["bench.json"],
+               "report": lambda r, p: ["report.md"],
+               "triton": lambda r, p: ["model_repository/README.md"]}
+    for step, files in outputs.items():
+        monkeypatch.setattr(pipeline_module, f"_{step}", fake(step, files))
+    monkeypatch.setattr(providers, "require_provider", lambda name: name)
+    return ran
+
+
+def test_each_option_rebuilds_exactly_its_step_and_what_depends_on_it(
+        inputs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert set(DIRECT) | NOT_PLANNED == {f.name for f in dataclasses.fields(PipelineOptions)}
+    ran = _fake_steps(monkeypatch)
+    base = PipelineOptions(
+        weights="random", num_classes=10, spec=PreprocessSpec.create(32),
+        exporter="torchscript", calibration=inputs["calibration"], eval_images=inputs["eval"],
+        providers=("cpu", "cuda"), num_samples=8, triton=TritonOptions())
+    out = tmp_path / "out"
+    run_pipeline(out, base)
+    every = set(ran)
+    assert every == set(DOWNSTREAM)
+    for name, value in CHANGED.items():
+        ran.clear()
+        run_pipeline(out, base)  # back to the base: whatever the last change rebuilt
+        ran.clear()
+        run_pipeline(out, dataclasses.replace(base, **{name: value}))
+        expected = set().union(*({s} | DOWNSTREAM[s] for s in DIRECT[name]))
+        assert set(ran) == expected, f"changing {name} rebuilt {sorted(ran)}"

@@ -13,16 +13,16 @@ Fairness rules, because the machines are shared and drift by tens of percent wit
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import platform
 import resource
 import time
-from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -30,12 +30,9 @@ from ..artifact.metadata import ModelMetadata
 from ..artifact.model_file import ModelFile
 from ..core.errors import UserError
 from ..core.machine import machine_info
-from ..runtime.providers import (PROVIDERS, SessionConfig, available_providers, create_session,
-                                 node_placement, provider_name, require_provider, short_provider)
-
-if TYPE_CHECKING:
-    import onnxruntime as ort
-    from torch import nn
+from ..runtime.providers import (PROVIDERS, SessionConfig, available_providers, provider_name,
+                                 require_provider, short_provider)
+from ..runtime.runners import OrtRunner, Runner, TorchRunner
 
 log = logging.getLogger(__name__)
 
@@ -167,204 +164,60 @@ def bench_machine() -> dict[str, Any]:
     return {**machine_info(), "providers": available_providers()}
 
 
-# --- runners: one timed call each --------------------------------------------------------
-
-class Runner(ABC):
-    """Owns a ready input; ``timed_ns`` runs one inference and returns its duration."""
-
-    @abstractmethod
-    def timed_ns(self) -> int:
-        """One inference, timed with perf_counter_ns around the call (and its sync)."""
-
-    def output_rows(self) -> int | None:
-        """Rows in the last output, to check the model really ran at this batch size."""
-        return None
-
-
-class OrtRunner(Runner):
-    """Plain ``session.run`` with a host numpy feed (what most CPU users do)."""
-
-    def __init__(self, session: ort.InferenceSession, batch: np.ndarray) -> None:
-        self.session = session
-        self.feed = {session.get_inputs()[0].name: batch}
-        self._rows: int | None = None
-
-    def timed_ns(self) -> int:
-        start = time.perf_counter_ns()
-        out = self.session.run(None, self.feed)
-        elapsed = time.perf_counter_ns() - start
-        self._rows = len(out[0])
-        return elapsed
-
-    def output_rows(self) -> int | None:
-        return self._rows
-
-
-class IoBindingRunner(Runner):
-    """``run_with_iobinding`` with the input and output already on the device.
-
-    The input OrtValue is created once, so its address is fixed (what CUDA graphs need), and
-    outputs are preallocated on the device when their shape is known. The timed region ends
-    after ``synchronize_outputs``, so asynchronous GPU work is inside it.
-    """
-
-    def __init__(self, session: ort.InferenceSession, batch: np.ndarray, device: str,
-                 *, need_fixed_outputs: bool = False) -> None:
-        import onnxruntime as ort
-
-        self.session = session
-        self.binding = session.io_binding()
-        self.input = ort.OrtValue.ortvalue_from_numpy(batch, device, 0)
-        self.binding.bind_ortvalue_input(session.get_inputs()[0].name, self.input)
-        self.outputs = []
-        for out in session.get_outputs():
-            shape = [len(batch) if i == 0 else d for i, d in enumerate(out.shape)]
-            if all(isinstance(d, int) and d > 0 for d in shape):
-                value = ort.OrtValue.ortvalue_from_shape_and_type(
-                    shape, _numpy_dtype(out.type), device, 0)
-                self.binding.bind_ortvalue_output(out.name, value)
-                self.outputs.append(value)  # keep it alive: the binding holds its address
-            elif need_fixed_outputs:
-                raise UserError(f"output {out.name!r} has shape {out.shape}; a CUDA graph needs "
-                                "outputs of known shape; run without --cuda-graph")
-            else:
-                self.binding.bind_output(out.name, device, 0)
-        self.binding.synchronize_inputs()
-
-    def timed_ns(self) -> int:
-        start = time.perf_counter_ns()
-        self.session.run_with_iobinding(self.binding)
-        self.binding.synchronize_outputs()
-        return time.perf_counter_ns() - start
-
-    def output_rows(self) -> int | None:
-        return int(self.binding.get_outputs()[0].shape()[0])
-
-
-class TorchRunner(Runner):
-    """PyTorch eager under ``inference_mode`` with a channels_last input already on device."""
-
-    def __init__(self, module: nn.Module, batch: np.ndarray, device: str) -> None:
-        import torch
-
-        self.torch = torch
-        self.module = module
-        self.device = device
-        self.input = torch.from_numpy(batch).to(device).contiguous(
-            memory_format=torch.channels_last)
-        self._rows: int | None = None
-
-    def timed_ns(self) -> int:
-        torch = self.torch
-        with torch.inference_mode():
-            start = time.perf_counter_ns()
-            out = self.module(self.input)
-            if self.device == "cuda":
-                torch.cuda.synchronize()
-            elapsed = time.perf_counter_ns() - start
-        self._rows = int(out.shape[0])
-        return elapsed
-
-    def output_rows(self) -> int | None:
-        return self._rows
-
-
-def _numpy_dtype(ort_type: str) -> Any:
-    return {"tensor(float)": np.float32, "tensor(float16)": np.float16,
-            "tensor(double)": np.float64}.get(ort_type, np.float32)
-
-
 # --- what is benchmarked -----------------------------------------------------------------
 
 @dataclass
 class Target:
-    """One column of the comparison: an ONNX model or the torch baseline.
-
-    Mutable on purpose: the session is built lazily (once per model, or once per batch size
-    under CUDA graphs, whose captured graph is tied to one input shape).
-    """
+    """One column of the comparison: an ONNX model or the torch baseline, and its runner
+    (active for the whole measurement)."""
 
     label: str
     provider: str
     precision: str
     input_size: int
     static_batch: int | None
-    make_runner: Callable[[np.ndarray], Runner]
-    session_s: float = 0.0
+    runner: Runner
     placement: dict[str, int] | None = None
-    path: Path | None = None  # the ONNX file (None for the torch baseline)
-    meta: ModelMetadata | None = None
-    session: ort.InferenceSession | None = None
-    graph_batch: int | None = None  # the batch a captured CUDA graph was built for
+    file: ModelFile | None = None  # the ONNX model (None for the torch baseline)
     creation_rss_mb: float = 0.0  # peak RSS while the target was built
 
-
-class _Sessions:
-    """Creates sessions with the shared strict-provider logic and measures their cost."""
-
-    def __init__(self, options: BenchOptions, provider: str) -> None:
-        self.options = options
-        self.provider = provider
-
-    def config(self, precision: str, *, profile: bool = False,
-               cuda_graph: bool = False) -> SessionConfig:
-        trt = self.provider == PROVIDERS["tensorrt"]
-        return SessionConfig(threads=self.options.threads, profile=profile,
-                             cuda_graph=cuda_graph,
-                             trt_fp16=trt and precision in ("fp16", "int8"),
-                             trt_int8=trt and precision == "int8",
-                             trt_cache_dir=self.options.trt_cache_dir)
-
-    def create(self, path: Path, precision: str) -> tuple[ort.InferenceSession, float]:
-        start = time.perf_counter()
-        session = create_session(path, self.provider,
-                                 self.config(precision, cuda_graph=self.options.cuda_graph))
-        return session, time.perf_counter() - start
+    @property
+    def meta(self) -> ModelMetadata | None:
+        return self.file.meta if self.file is not None else None
 
 
-def _onnx_target(path: Path, options: BenchOptions, sessions: _Sessions) -> Target:
+def session_config(options: BenchOptions, provider: str, precision: str, *,
+                   profile: bool = False) -> SessionConfig:
+    """How bench builds a session: its threads, CUDA graphs, TensorRT precisions and cache."""
+    trt = provider == PROVIDERS["tensorrt"]
+    return SessionConfig(threads=options.threads, profile=profile,
+                         cuda_graph=options.cuda_graph and not profile,
+                         trt_fp16=trt and precision in ("fp16", "int8"),
+                         trt_int8=trt and precision == "int8",
+                         trt_cache_dir=options.trt_cache_dir)
+
+
+def _onnx_target(path: Path, options: BenchOptions, provider: str) -> Target:
     file = ModelFile.read(path)
-    file.warn_if_wrong_cpu(sessions.provider)
-    meta, precision = file.meta, file.precision
-    session, seconds = sessions.create(path, precision)
+    file.warn_if_wrong_cpu(provider)
     if file.io.height is None and file.meta is None:
         raise UserError(f"{path}: has a dynamic input size and no resnet-deploy metadata; "
                         "export it with 'resnet-deploy export'")
-    size = file.io.height or file.spec().input_size
-    static = file.io.batch
-    device = "cpu" if sessions.provider == PROVIDERS["cpu"] else "cuda"
-
-    def make_runner(batch: np.ndarray) -> Runner:
-        if options.cuda_graph:
-            # A captured graph replays one shape at fixed addresses: one session per batch.
-            if target.graph_batch not in (None, len(batch)):
-                target.session = None  # free the old graph first
-                target.session, target.session_s = sessions.create(path, precision)
-            target.graph_batch = len(batch)
-        current = target.session
-        assert current is not None
-        if options.io_binding:
-            return IoBindingRunner(current, batch, device, need_fixed_outputs=options.cuda_graph)
-        return OrtRunner(current, batch)
-
-    target = Target(label=str(path), provider=short_provider(sessions.provider),
-                    precision=precision, input_size=size,
-                    static_batch=static, make_runner=make_runner, session_s=seconds,
-                    path=path, meta=meta, session=session)
-    return target
+    runner = OrtRunner(file, provider, session_config(options, provider, file.precision),
+                       io_binding=options.io_binding)
+    return Target(label=str(path), provider=short_provider(provider), precision=file.precision,
+                  input_size=file.io.height or file.spec().input_size,
+                  static_batch=file.io.batch, runner=runner, file=file)
 
 
-def _placement(target: Target, sessions: _Sessions, batch: np.ndarray) -> dict[str, int]:
+def _placement(target: Target, options: BenchOptions, provider: str,
+               batch: np.ndarray) -> dict[str, int]:
     """Run one batch in a separate profiled session and count nodes per provider."""
-    assert target.path is not None
-    session = create_session(target.path, sessions.provider,
-                             sessions.config(target.precision, profile=True))
-    try:
-        session.run(None, {session.get_inputs()[0].name: batch})
-    except BaseException:
-        Path(session.end_profiling()).unlink(missing_ok=True)  # no trace left in $TMPDIR
-        raise
-    return node_placement(session)
+    assert target.file is not None
+    config = session_config(options, provider, target.precision, profile=True)
+    with OrtRunner(target.file, provider, config) as profiled:
+        profiled.infer(batch)
+        return profiled.placement()
 
 
 def _torch_target(meta: ModelMetadata | None, size: int, options: BenchOptions,
@@ -376,17 +229,11 @@ def _torch_target(meta: ModelMetadata | None, size: int, options: BenchOptions,
     device = "cuda" if provider != PROVIDERS["cpu"] and torch.cuda.is_available() else "cpu"
     if options.threads:
         torch.set_num_threads(options.threads)
-    start = time.perf_counter()
     module, _, note = load_for(meta.weights if meta is not None else None,
                                options.torch_weights)
-    module = module.eval().to(device)
-    # channels_last is what torch's own CPU/GPU convs prefer; the stubs omit the keyword.
-    module = module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    seconds = time.perf_counter() - start
+    runner = TorchRunner(module, device, TORCH_MODEL, channels_last=True)
     target = Target(label=TORCH_MODEL, provider=f"torch-{device}", precision="fp32",
-                    input_size=size, static_batch=None,
-                    make_runner=lambda batch: TorchRunner(module, batch, device),
-                    session_s=seconds)
+                    input_size=size, static_batch=None, runner=runner)
     return target, note
 
 
@@ -450,18 +297,26 @@ def run_bench(models: Sequence[str | Path], options: BenchOptions = BenchOptions
     options = dataclasses.replace(options, provider=short_provider(provider_name(provider)),
                                   settle_s=settle)
     _check_options(options, provider)
-    sessions = _Sessions(options, provider)
     say = progress or _log_progress
-    notes: list[str] = []
+    with contextlib.ExitStack() as stack:
+        targets, notes = _targets(models, options, provider, say, stack)
+        results = [result for step, batch in enumerate(options.batch_sizes, 1)
+                   for result in _measure(targets, batch, options, say,
+                                          f" ({step} of {len(options.batch_sizes)})"
+                                          if len(options.batch_sizes) > 1 else "")]
+    return BenchReport(machine=bench_machine(), results=tuple(_with_ratios(results)),
+                       options=options, notes=tuple(notes))
 
+
+def _targets(models: Sequence[str | Path], options: BenchOptions, provider: str,
+             say: Progress, stack: contextlib.ExitStack) -> tuple[list[Target], list[str]]:
+    """Every model (and the torch baseline) with its runner active on ``stack``, its peak
+    memory while loading, and its node placement; plus the notes they call for."""
     targets: list[Target] = []
-    rss: dict[tuple[int, int], float] = {}
-    first_batch = min(options.batch_sizes)
+    notes: list[str] = []
     for path in map(Path, models):
         say(f"loading {path}")
-        _reset_peak_rss()
-        target = _onnx_target(path, options, sessions)
-        target.creation_rss_mb = peak_rss_mb()
+        target = _onnx_target(path, options, provider)
         if target.static_batch is not None and set(options.batch_sizes) != {target.static_batch}:
             raise UserError(f"{path}: has a static batch of {target.static_batch}; use "
                             f"--batch-size {target.static_batch} or export with "
@@ -469,62 +324,58 @@ def run_bench(models: Sequence[str | Path], options: BenchOptions = BenchOptions
         targets.append(target)
     if options.torch_baseline:
         say("building the torch baseline")
-        _reset_peak_rss()
-        torch_target, note = _torch_target(targets[0].meta, targets[0].input_size,
-                                           options, provider)
-        torch_target.creation_rss_mb = peak_rss_mb()
+        torch_target, note = _torch_target(targets[0].meta, targets[0].input_size, options,
+                                           provider)
         targets.append(torch_target)
         if note:
             notes.append(note)
             log.warning("%s", note)
-
+    for target in targets:
+        _reset_peak_rss()
+        stack.enter_context(target.runner)
+        target.creation_rss_mb = peak_rss_mb()
     if options.placement:
-        for target in targets:
-            if target.path is None:
-                continue
-            target.placement = _placement(target, sessions, _inputs(target, first_batch,
-                                                                    options.seed))
+        first = min(options.batch_sizes)
+        for target in (t for t in targets if t.file is not None):
+            target.placement = _placement(target, options, provider,
+                                          _inputs(target, first, options.seed))
             others = {k: v for k, v in target.placement.items() if k != options.provider}
             if options.provider != "cpu" and others:
                 note = (f"{target.label}: {sum(others.values())} nodes did not run on "
                         f"{options.provider}: {others}")
                 notes.append(note)
                 log.warning("%s", note)
-
     note = fp16_on_cpu_note(targets, options.provider)
     if note:
         notes.append(note)
+    return targets, notes
 
-    results: list[BenchResult] = []
-    for step, batch in enumerate(options.batch_sizes, 1):
-        say(f"batch {batch}: warm-up")
-        runners: list[Runner] = []
-        for index, target in enumerate(targets):
-            _reset_peak_rss()
-            runner = target.make_runner(_inputs(target, batch, options.seed))
-            for _ in range(max(options.warmup, 1)):  # one untimed run at least: it checks
-                runner.timed_ns()                    # the batch and builds lazy TRT engines
-            if runner.output_rows() not in (None, batch):
-                raise UserError(f"{target.label}: returned {runner.output_rows()} rows for a "
-                                f"batch of {batch}")
-            # The peak covers this batch's warm-up, plus session creation where it happened.
-            rss[index, batch] = max(target.creation_rss_mb, peak_rss_mb())
-            target.creation_rss_mb = 0.0  # counted once, in the first batch
-            runners.append(runner)
-        samples = _interleave(runners, options, say, batch,
-                              f" ({step} of {len(options.batch_sizes)})"
-                              if len(options.batch_sizes) > 1 else "")
-        for index, (target, timed) in enumerate(zip(targets, samples, strict=True)):
-            results.append(BenchResult(
-                model=target.label, provider=target.provider, batch_size=batch,
-                **_summary(timed, batch), session_s=round(target.session_s, 3),
-                peak_rss_mb=rss[index, batch], placement=target.placement,
-                precision=target.precision, iterations=len(timed),
-                io_binding=options.io_binding and target.label != TORCH_MODEL,
-                cuda_graph=options.cuda_graph and target.label != TORCH_MODEL))
-        del runners
-    return BenchReport(machine=bench_machine(), results=tuple(_with_ratios(results)),
-                       options=options, notes=tuple(notes))
+
+def _measure(targets: Sequence[Target], batch: int, options: BenchOptions, say: Progress,
+             which: str) -> list[BenchResult]:
+    """Warm every target up at this batch size, then time them interleaved."""
+    say(f"batch {batch}: warm-up")
+    inputs, rss = [], []
+    for target in targets:
+        _reset_peak_rss()
+        data = _inputs(target, batch, options.seed)
+        for _ in range(max(options.warmup, 1)):  # one untimed run at least: it checks the
+            rows = len(target.runner.infer(data))  # batch and builds lazy TensorRT engines
+        if rows != batch:
+            raise UserError(f"{target.label}: returned {rows} rows for a batch of {batch}")
+        # The peak covers this batch's warm-up, plus session creation where it happened.
+        rss.append(max(target.creation_rss_mb, peak_rss_mb()))
+        target.creation_rss_mb = 0.0  # counted once, in the first batch
+        inputs.append(data)
+    samples = _interleave([t.runner for t in targets], inputs, options, say, batch, which)
+    return [BenchResult(
+        model=target.label, provider=target.provider, batch_size=batch,
+        **_summary(timed, batch), session_s=round(target.runner.activation_s, 3),
+        peak_rss_mb=peak, placement=target.placement, precision=target.precision,
+        iterations=len(timed),
+        io_binding=options.io_binding and target.file is not None,
+        cuda_graph=options.cuda_graph and target.file is not None)
+        for target, timed, peak in zip(targets, samples, rss, strict=True)]
 
 
 def fp16_on_cpu_note(targets: Sequence[Target], provider: str) -> str | None:
@@ -543,8 +394,8 @@ def fp16_on_cpu_note(targets: Sequence[Target], provider: str) -> str | None:
             "FP32 on CPU; time it with --provider cuda or tensorrt")
 
 
-def _interleave(runners: Sequence[Runner], options: BenchOptions, say: Progress,
-                batch: int, which: str = "") -> list[list[int]]:
+def _interleave(runners: Sequence[Runner], inputs: Sequence[np.ndarray], options: BenchOptions,
+                say: Progress, batch: int, which: str = "") -> list[list[int]]:
     """Round-robin: each round gives every runner ``block`` iterations, order rotated.
 
     Every runner gets the same number of iterations; with ``duration_s`` rounds continue
@@ -572,8 +423,10 @@ def _interleave(runners: Sequence[Runner], options: BenchOptions, say: Progress,
             index = (rounds + offset) % count
             if settle:
                 time.sleep(settle)
+            runner, data = runners[index], inputs[index]
             for _ in range(block):
-                elapsed = runners[index].timed_ns()
+                runner.infer(data)
+                elapsed = runner.last_inference_ns
                 samples[index].append(elapsed)
                 spent += elapsed
             done = sum(map(len, samples))

@@ -7,6 +7,7 @@ pass over the folder.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -16,12 +17,12 @@ from typing import Any
 import numpy as np
 
 from ..artifact.model_file import ModelFile
-from ..runtime.runners import OrtBackend
 from ..core.errors import UserError
 from ..core.metrics import hits
 from ..data.folders import labelled_images, warn_skipped
 from ..data.images import load_batch
 from ..data.spec import PreprocessSpec
+from ..runtime.runners import OrtRunner
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ class _Entry:
     untrained: bool = False
     file: Any = None  # the opened ModelFile
     classes: int = 0
-    backend: Any = None
+    runner: Any = None  # its OrtRunner, active while the photos are scored
     top1: int = 0
     top5: int = 0
     n: int = 0
@@ -110,8 +111,6 @@ class _Entry:
 def evaluate(models: Sequence[str | Path], images: str | Path, *,
              options: EvaluateOptions = EvaluateOptions()) -> EvaluateResult:
     """Top-1/top-5 of each model on the ImageFolder ``images`` (a seeded subset with limit)."""
-    from tqdm import tqdm
-
     if not models:
         raise UserError("no model given; pass --model PATH (repeat it to compare models)")
     folder = labelled_images(images).subset(options.limit, options.seed)
@@ -129,23 +128,11 @@ def evaluate(models: Sequence[str | Path], images: str | Path, *,
         targets = {p: indices[c] for p, c in zip(folder.paths, folder.class_ids, strict=True)}
         entries.append(_Entry(file.path, spec, file.precision, targets, mapping,
                               untrained=untrained, file=file))
-    for entry in entries:
-        entry.backend = OrtBackend.for_file(entry.file, options.provider)
-    specs = list(dict.fromkeys(e.spec for e in entries))
-    skipped: set[Path] = set()
     paths = list(folder.paths)
-    with tqdm(total=len(paths), desc="evaluating", unit="img", disable=not options.progress,
-              leave=False) as bar:
-        for start in range(0, len(paths), options.batch_size):
-            chunk = paths[start:start + options.batch_size]
-            for spec in specs:
-                batch, used, bad = load_batch(chunk, spec, strict=options.strict)
-                skipped.update(bad)
-                if not used:
-                    continue
-                for entry in (e for e in entries if e.spec == spec):
-                    _score(entry, entry.backend.infer(batch), used)
-            bar.update(len(chunk))
+    with contextlib.ExitStack() as stack:
+        for entry in entries:
+            entry.runner = stack.enter_context(OrtRunner(entry.file, options.provider))
+        skipped = _score_all(entries, paths, options)
     warn_skipped(sorted(skipped), len(paths), "images")
     if all(e.n == 0 for e in entries):
         raise UserError(f"{folder.root}: none of the {len(paths)} images could be read")
@@ -161,6 +148,29 @@ def evaluate(models: Sequence[str | Path], images: str | Path, *,
                           models=tuple(accuracies))
 
 
+def _score_all(entries: Sequence[_Entry], paths: Sequence[Path],
+               options: EvaluateOptions) -> set[Path]:
+    """Every photo decoded once per distinct preprocessing and fed to each model that uses
+    it; returns the photos that could not be read."""
+    from tqdm import tqdm
+
+    specs = list(dict.fromkeys(e.spec for e in entries))
+    skipped: set[Path] = set()
+    with tqdm(total=len(paths), desc="evaluating", unit="img", disable=not options.progress,
+              leave=False) as bar:
+        for start in range(0, len(paths), options.batch_size):
+            chunk = paths[start:start + options.batch_size]
+            for spec in specs:
+                batch, used, bad = load_batch(chunk, spec, strict=options.strict)
+                skipped.update(bad)
+                if not used:
+                    continue
+                for entry in (e for e in entries if e.spec == spec):
+                    _score(entry, entry.runner.infer(batch), used)
+            bar.update(len(chunk))
+    return skipped
+
+
 def _accuracies(entries: Sequence[_Entry]) -> list[ModelAccuracy]:
     """Each model's figures; from the second on, its agreement with the first model (the
     share of photos both scored where they pick the same class) and its top-1 drop."""
@@ -174,7 +184,7 @@ def _accuracies(entries: Sequence[_Entry]) -> list[ModelAccuracy]:
             agreement = (sum(entry.predicted[p] == first.predicted[p] for p in both)
                          / len(both)) if both else None
             drop = 100 * (first.top1 / max(first.n, 1) - top1)
-        out.append(ModelAccuracy(str(entry.path), entry.backend.provider, entry.precision,
+        out.append(ModelAccuracy(str(entry.path), entry.runner.provider, entry.precision,
                                  entry.n, top1, entry.top5 / max(entry.n, 1), entry.mapping,
                                  entry.classes, agreement, drop))
     return out

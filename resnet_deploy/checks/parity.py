@@ -8,6 +8,7 @@ backend that cannot run is an error unless the caller asked to skip it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -26,7 +27,7 @@ from ..data.folders import warn_skipped
 from ..data.images import list_images, load_batch, seeded_subset
 from ..data.spec import PreprocessSpec
 from ..runtime.providers import provider_name, short_provider
-from ..runtime.runners import Backend, OrtBackend, TorchBackend, torch_devices
+from ..runtime.runners import OrtRunner, Runner, TorchRunner, torch_devices
 
 log = logging.getLogger(__name__)
 
@@ -260,77 +261,112 @@ def run_parity(models: Sequence[ModelFile], *, inputs: Inputs, weights_model: An
     """Compare every backend with the reference; returns the report and reference logits.
 
     ``weights_model`` is a loaded torch module (from ``--weights``); ``golden`` replaces
-    running a reference. Inputs stream through every backend in batches of
-    ``options.batch_size``, so memory holds one batch of images and the logits only.
+    running a reference. Inputs stream through every runner in batches of
+    ``options.batch_size``, so memory holds one batch of images and the logits only; every
+    session is released when the comparison ends.
     """
-    providers = [short_provider(provider_name(p)) for p in options.providers]
-    reference_name = options.reference or ("torch" if weights_model is not None else None)
-    if reference_name is None:
-        if not models:
-            raise UserError("nothing to compare: give --model and/or --weights")
-        reference_name = f"{models[0].path}@cpu"
-    ran: set[str] = set()
-    reference_backend: Backend | None = None
-    reference_precision = "fp32"  # torch, or golden outputs saved from a reference
-    if golden is not None:
-        reference_name = golden.reference
-    elif reference_name == "torch":
-        if weights_model is None:
-            raise UserError("--reference torch needs --weights")
-        reference_backend = TorchBackend(weights_model)
-        ran.add("torch@cpu")
-    else:
-        model, _, provider = reference_name.rpartition("@")
-        if not model:
-            raise UserError(f"--reference {reference_name!r}: use torch or MODEL@PROVIDER")
-        opened = next((m for m in models if m.path == Path(model)), None) \
-            or ModelFile.read(model, options.output_name)
-        reference_backend = OrtBackend.for_file(opened, provider)
-        ran.add(f"{Path(model)}@{short_provider(provider_name(provider))}")
-        reference_precision = opened.precision
-    report = ParityReport(reference_name, {})
-    candidates: list[tuple[BackendResult, Backend]] = []
-    if weights_model is not None:
-        for device in torch_devices():
-            if f"torch@{device}" not in ran:
-                candidates.append((BackendResult(f"torch@{device}", None, f"torch-{device}",
-                                                 "fp32"), TorchBackend(weights_model, device)))
-    for model_file in models:
-        for provider in providers:
-            name = f"{model_file.path}@{provider}"
-            if name in ran:
-                continue
-            model_file.warn_if_wrong_cpu(provider)
-            row = BackendResult(name, str(model_file.path), provider, model_file.precision)
-            try:
-                candidates.append((row, OrtBackend.for_file(model_file, provider)))
-            except ProviderUnavailable as exc:
-                if not options.skip_unavailable:
-                    raise
-                report.results.append(dataclasses.replace(row, skipped=str(exc)))
-    outputs: list[list[np.ndarray]] = [[] for _ in candidates]
-    references: list[np.ndarray] = []
-    for batch in inputs.batches(options.batch_size):
-        if reference_backend is not None:
-            references.append(reference_backend.infer(batch))
-        for collected, (_, backend) in zip(outputs, candidates, strict=True):
-            collected.append(backend.infer(batch))
+    with contextlib.ExitStack() as stack:
+        reference = _reference(models, weights_model, options, golden)
+        report = ParityReport(reference.name, {})
+        if reference.runner is not None:
+            stack.enter_context(reference.runner)
+        candidates = _candidates(models, weights_model, options, reference.ran, report, stack)
+        outputs, references = _stream(inputs, options.batch_size, reference.runner,
+                                      [runner for _, runner in candidates])
     if golden is not None:
         golden.match(inputs)
-        reference = golden.logits
+        logits = golden.logits
     else:
-        reference = np.concatenate(references)
+        logits = np.concatenate(references)
     report.inputs = {"description": inputs.description, "count": len(inputs.names)}
     for (row, _), collected in zip(candidates, outputs, strict=True):
-        report.results.append(_judge(row, reference, np.concatenate(collected),
-                                     options.tolerances, reference_precision))
+        report.results.append(_judge(row, logits, np.concatenate(collected),
+                                     options.tolerances, reference.precision))
     if not report.results:
         if not options.save_reference:
             raise UserError("nothing was compared with the reference; add --model, --weights "
                             "or --providers, or --save-outputs FILE to keep its outputs")
-        report.notes.append(f"only the reference ({reference_name}) ran, so nothing was "
+        report.notes.append(f"only the reference ({reference.name}) ran, so nothing was "
                             "compared; its outputs are saved for a later --load-outputs")
-    return report, reference
+    return report, logits
+
+
+@dataclass(frozen=True)
+class _Reference:
+    """What the others are judged against: its name, its runner (None for golden outputs),
+    its precision, and the backends it already covers."""
+
+    name: str
+    runner: Runner | None
+    precision: str
+    ran: frozenset[str]
+
+
+def _reference(models: Sequence[ModelFile], weights_model: Any | None, options: ParityOptions,
+               golden: Golden | None) -> _Reference:
+    name = options.reference or ("torch" if weights_model is not None else None)
+    if name is None:
+        if not models:
+            raise UserError("nothing to compare: give --model and/or --weights")
+        name = f"{models[0].path}@cpu"
+    if golden is not None:
+        return _Reference(golden.reference, None, "fp32", frozenset())
+    if name == "torch":
+        if weights_model is None:
+            raise UserError("--reference torch needs --weights")
+        return _Reference(name, TorchRunner(weights_model), "fp32", frozenset({"torch@cpu"}))
+    model, _, provider = name.rpartition("@")
+    if not model:
+        raise UserError(f"--reference {name!r}: use torch or MODEL@PROVIDER")
+    opened = next((m for m in models if m.path == Path(model)), None) \
+        or ModelFile.read(model, options.output_name)
+    return _Reference(name, OrtRunner(opened, provider), opened.precision,
+                      frozenset({f"{Path(model)}@{short_provider(provider_name(provider))}"}))
+
+
+def _candidates(models: Sequence[ModelFile], weights_model: Any | None, options: ParityOptions,
+                ran: frozenset[str], report: ParityReport, stack: contextlib.ExitStack,
+                ) -> list[tuple[BackendResult, Runner]]:
+    """Every backend to judge, activated on ``stack``; a provider that cannot run is
+    reported as skipped when the options allow it, else an error."""
+    planned: list[tuple[BackendResult, Runner]] = []
+    if weights_model is not None:
+        planned += [(BackendResult(f"torch@{device}", None, f"torch-{device}", "fp32"),
+                     TorchRunner(weights_model, device))
+                    for device in torch_devices() if f"torch@{device}" not in ran]
+    for model_file in models:
+        for provider in (short_provider(provider_name(p)) for p in options.providers):
+            name = f"{model_file.path}@{provider}"
+            if name not in ran:
+                model_file.warn_if_wrong_cpu(provider)
+                planned.append((BackendResult(name, str(model_file.path), provider,
+                                              model_file.precision),
+                                OrtRunner(model_file, provider)))
+    active = []
+    for row, runner in planned:
+        try:
+            stack.enter_context(runner)
+        except ProviderUnavailable as exc:
+            if not options.skip_unavailable:
+                raise
+            report.results.append(dataclasses.replace(row, skipped=str(exc)))
+            continue
+        active.append((row, runner))
+    return active
+
+
+def _stream(inputs: Inputs, batch_size: int, reference: Runner | None,
+            runners: Sequence[Runner]) -> tuple[list[list[np.ndarray]], list[np.ndarray]]:
+    """Each batch once through the reference and every runner: (outputs per runner, the
+    reference's outputs)."""
+    outputs: list[list[np.ndarray]] = [[] for _ in runners]
+    references: list[np.ndarray] = []
+    for batch in inputs.batches(batch_size):
+        if reference is not None:
+            references.append(reference.infer(batch))
+        for collected, runner in zip(outputs, runners, strict=True):
+            collected.append(runner.infer(batch))
+    return outputs, references
 
 
 def compare_backends(models: Sequence[str | Path], *, weights: str | None = None,

@@ -18,7 +18,7 @@ from .options import (DEFAULT_IMAGES, INT8_GATE_FLAGS, SEED, FilePath, batch_siz
 from .package import triton_options
 
 if TYPE_CHECKING:
-    from ..pipeline.steps import PipelineResult
+    from ..pipeline.engine import PipelineResult
 
 
 @main.command()
@@ -136,15 +136,17 @@ def valid_name(name: str | None) -> str | None:
 def gate_hint(report: Any) -> str | None:
     """After a failed INT8 gate: the pipeline's own options that would have passed it."""
     from ..core.render import pass_hint
+    from ..pipeline.facts import QuantizeFacts
 
-    needed = report.get("needed") if isinstance(report, dict) else None
+    needed = report.needed if isinstance(report, QuantizeFacts) else None
     hint = pass_hint(needed, INT8_GATE_FLAGS) if needed else ""
     return f"quantize gate: it would pass with {hint}" if hint else None
 
 
 def render_pipeline(result: PipelineResult) -> None:
     from ..core.render import Column, format_table
-    from ..pipeline.report import provenance_lines
+    from ..pipeline.facts import QuantizeFacts
+    from ..pipeline.report import facts, provenance_lines
 
     records = {r.step: r for r in result.steps}
     for line in provenance_lines(records):
@@ -152,7 +154,8 @@ def render_pipeline(result: PipelineResult) -> None:
             click.echo(line, err=True)
         else:
             emit(line[0].lower() + line[1:])
-    for note in records["quantize"].results.get("notes", []) if "quantize" in records else []:
+    quantized = facts(records, "quantize")
+    for note in quantized.notes if isinstance(quantized, QuantizeFacts) else ():
         emit(f"note: quantize: {note}")
     rows = [{"step": r.step, "status": r.status,
              "seconds": None if r.status == "up to date" else r.seconds,
@@ -185,23 +188,26 @@ def artifact_rows(result: Any) -> list[dict[str, Any]]:
 def step_summary(record: Any) -> str:
     """One phrase per step for the summary table."""
     from ..core.render import cell
+    from ..pipeline import facts as f
 
-    r = record.results
-    if record.step == "quantize" and r.get("check_passed") is not None:
-        return (f"check {'PASS' if r['check_passed'] else 'FAIL'}, top-1 agreement "
-                f"{cell(r['top1_agreement'], 'share')} on {r['held_out']} photos")
-    if record.step == "parity":
-        return (f"{'PASS' if r['passed'] else 'FAIL'}, {len(r['backends'])} backends on "
-                f"{r['inputs']}")
-    if record.step == "evaluate":
-        return ", ".join(f"{m['precision']} {cell(m['top1'], 'share')}" for m in r["models"])
-    if record.step == "bench":
-        return ", ".join(f"{row['precision']}@{row['provider']} b{row['batch_size']} "
-                         f"{cell(row['p50_ms'], 'ms')} ms" for row in r["rows"])
-    if record.step == "triton":
-        return ", ".join(m["name"] for m in r["models"])
-    if record.step in ("export", "fp16"):
-        return "check PASS" if r.get("parity_passed", r.get("check_passed")) else "-"
+    found = f.FACTS[record.step].from_dict(record.results)
+    if isinstance(found, f.QuantizeFacts) and found.check_passed is not None:
+        return (f"check {'PASS' if found.check_passed else 'FAIL'}, top-1 agreement "
+                f"{cell(found.top1_agreement, 'share')} on {found.held_out} photos")
+    if isinstance(found, f.ParityFacts):
+        return (f"{'PASS' if found.passed else 'FAIL'}, {len(found.backends)} backends on "
+                f"{found.inputs}")
+    if isinstance(found, f.EvaluateFacts):
+        return ", ".join(f"{m.precision} {cell(m.top1, 'share')}" for m in found.models)
+    if isinstance(found, f.BenchFacts):
+        return ", ".join(f"{row.precision}@{row.provider} b{row.batch_size} "
+                         f"{cell(row.p50_ms, 'ms')} ms" for row in found.rows)
+    if isinstance(found, f.TritonFacts):
+        return ", ".join(m["name"] for m in found.models)
+    if isinstance(found, f.ExportFacts):
+        return "check PASS" if found.parity_passed else "-"
+    if isinstance(found, f.Fp16Facts):
+        return "check PASS" if found.check_passed else "-"
     return "-"
 
 

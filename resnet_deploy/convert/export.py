@@ -28,7 +28,7 @@ from ..core.machine import package_versions
 from ..core.metrics import TOLERANCES, CheckResult
 from ..data.images import image_inputs, list_images, random_inputs
 from ..data.spec import PreprocessSpec
-from ..runtime.runners import OrtBackend, TorchBackend
+from ..runtime.runners import OrtRunner, TorchRunner, run_batched
 from ..weights.checkpoints import LoadedWeights
 
 if TYPE_CHECKING:
@@ -211,15 +211,16 @@ def parity_inputs(spec: PreprocessSpec, folder: Path | None, count: int,
 def check_parity(model: nn.Module, onnx_path: Path, inputs: np.ndarray, source: str,
                  dynamic_batch: bool) -> dict[int, CheckResult]:
     """PyTorch vs ORT CPU at batch 1 and, for a dynamic model, a larger batch."""
-    reference = TorchBackend(model).infer(inputs)
-    ort_backend = OrtBackend(onnx_path, "cpu")
+    with TorchRunner(model) as torch_runner:
+        reference = torch_runner.infer(inputs)
     sizes = [1] + ([min(8, len(inputs))] if dynamic_batch and len(inputs) > 1 else [])
     checks = {}
-    for size in sizes:
-        outputs = np.concatenate([ort_backend.infer(inputs[i:i + size])
-                                  for i in range(0, len(inputs) - len(inputs) % size, size)])
-        checks[size] = CheckResult.judge(f"PyTorch vs ORT CPU at batch {size} on {source}",
-                                         reference[:len(outputs)], outputs, TOLERANCES["fp32"])
+    with OrtRunner(onnx_path, "cpu") as ort_runner:
+        for size in sizes:
+            usable = len(inputs) - len(inputs) % size
+            outputs = run_batched(ort_runner, inputs[:usable], size)
+            checks[size] = CheckResult.judge(f"PyTorch vs ORT CPU at batch {size} on {source}",
+                                             reference[:usable], outputs, TOLERANCES["fp32"])
     return checks
 
 

@@ -23,7 +23,7 @@ from ..core.errors import CheckFailed, UserError
 from ..core.files import atomic_output, beside, file_sha256
 from ..core.metrics import TOLERANCES, CheckResult
 from ..data.spec import PreprocessSpec
-from ..runtime.runners import OrtBackend, run_batched
+from ..runtime.runners import run_model
 from .export import parity_inputs
 
 if TYPE_CHECKING:
@@ -186,8 +186,8 @@ def check_fp16(fp32: Path, fp16: Path, spec: PreprocessSpec, options: Fp16Option
     """FP32 vs FP16 logits on ORT CPU, judged by parity's FP16 tolerance; and the inputs."""
     inputs, described = parity_inputs(spec, options.check_images, options.check_samples,
                                       options.seed)
-    reference = run_batched(OrtBackend(fp32, "cpu", output=output), inputs, len(inputs))
-    candidate = run_batched(OrtBackend(fp16, "cpu", output=output), inputs, len(inputs))
+    reference = run_model(fp32, inputs, len(inputs), output=output)
+    candidate = run_model(fp16, inputs, len(inputs), output=output)
     check = CheckResult.judge(f"FP32 vs FP16 on ORT CPU on {described}", reference, candidate,
                               TOLERANCES["fp16"])
     return check, described

@@ -1,4 +1,9 @@
 """The pipeline's steps for a ResNet checkpoint, and the run that executes them.
+
+Each step's plan is the library's own options object (or a small record of exactly what
+the step passes to the library function), built from :class:`PipelineOptions` in one
+place; the engine keys the step on it, so an option can neither be passed without
+counting nor count without being passed.
 """
 
 from __future__ import annotations
@@ -6,12 +11,17 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..checks.bench import BenchOptions
+from ..checks.evaluate import EvaluateOptions
+from ..checks.parity import ParityOptions
+from ..convert.export import ExportOptions
+from ..convert.fp16 import Fp16Options
+from ..convert.quantize.recipe import QuantizeOptions
 from ..core.choices import Exporter, Method, Target, TrtPrecision
 from ..core.errors import CheckFailed, UserError
 from ..core.files import write_text
@@ -20,23 +30,19 @@ from ..core.metrics import ToleranceOverrides
 from ..core.render import write_json
 from ..data.spec import PreprocessSpec
 from ..serving.triton import TritonOptions
-from .manifest import (BUILT, FAILED, MANIFEST, UP_TO_DATE, Hashes, StepRecord, digest,
-                       read_manifest, records_of, step_key, write_manifest)
+from .engine import Outcome, PipelineResult, Step, execute
+from .facts import (AccuracyFacts, BackendFacts, BenchFacts, EvaluateFacts, ExportFacts,
+                    Fp16Facts, LatencyFacts, ParityFacts, QuantizeFacts, ReportFacts,
+                    TritonFacts)
+from .manifest import Hashes, StepRecord
 from .report import report_markdown
 
 log = logging.getLogger(__name__)
 
 DEFAULT_NAME = "resnet18"
-
 PRODUCERS = {"fp32": "export", "int8": "quantize", "fp16": "fp16"}
-
 REPOSITORY = "model_repository"
-
 GPU_PROVIDERS = ("cuda", "tensorrt")
-
-# What the manifest keeps of each bench row (the full rows are in bench.json).
-BENCH_KEYS = ("model", "provider", "precision", "batch_size", "p10_ms", "p50_ms", "p90_ms",
-              "throughput_ips")
 
 
 @dataclass(frozen=True)
@@ -85,33 +91,10 @@ class PipelineOptions:
         """The model file of each precision: ``ft.onnx``, ``ft.int8.onnx``, ``ft.fp16.onnx``."""
         return f"{self.model_name}{'' if precision == 'fp32' else '.' + precision}.onnx"
 
-
-@dataclass(frozen=True)
-class PipelineResult:
-    """Where the run wrote, and what each step did (built, up to date or failed)."""
-
-    output: str
-    manifest: str
-    steps: tuple[StepRecord, ...]
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)  # the same keys and shapes as StepRecord.to_dict
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What a step function returns: files written (under the output folder) and figures."""
-
-    outputs: tuple[Path, ...]
-    results: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class Step:
-    name: str
-    inputs: Callable[[Run], dict[str, Any]]
-    options: Callable[[Run], dict[str, Any]]
-    run: Callable[[Run], Outcome]
+    @property
+    def precisions(self) -> list[str]:
+        """The models this run makes: FP32 and INT8, and FP16 for a GPU provider."""
+        return ["fp32", "int8"] + (["fp16"] if self.gpu else [])
 
 
 class Run:
@@ -127,12 +110,8 @@ class Run:
     def model_path(self, precision: str) -> Path:
         return self.out / self.options.file(precision)
 
-    def precisions(self) -> list[str]:
-        """The models this run makes: FP32 and INT8, and FP16 for a GPU provider."""
-        return ["fp32", "int8"] + (["fp16"] if self.options.gpu else [])
-
     def model_paths(self) -> list[Path]:
-        return [self.model_path(p) for p in self.precisions()]
+        return [self.model_path(p) for p in self.options.precisions]
 
     def artifact(self, name: str, step: str) -> dict[str, Any]:
         path = self.out / name
@@ -144,7 +123,7 @@ class Run:
         return self.artifact(self.options.file(precision), PRODUCERS[precision])
 
     def models_input(self) -> dict[str, Any]:
-        return {self.options.file(p): self.model_input(p) for p in self.precisions()}
+        return {self.options.file(p): self.model_input(p) for p in self.options.precisions}
 
     def weights_input(self) -> dict[str, Any]:
         weights = self.options.weights
@@ -155,141 +134,215 @@ class Run:
     def step_input(self, step: str) -> dict[str, Any]:
         return {"kind": "step", "step": step, "sha256": self.records[step].digest()}
 
-    def torch_model(self) -> tuple[Any, Any]:
-        if self._torch is None:
-            from ..weights.checkpoints import load_model
-
-            self._torch = load_model(self.options.weights, num_classes=self.options.num_classes,
-                                     seed=self.options.seed)
-        return self._torch
-
     def images(self) -> Path:
         """Parity's photos: the labelled set when given (calibration never saw it)."""
         return self.options.eval_images or self.options.calibration
 
+    def torch_model(self, plan: ExportPlan) -> tuple[Any, Any]:
+        """The PyTorch model the export plan names (built once per run)."""
+        if self._torch is None:
+            from ..weights.checkpoints import load_model
 
-def _export(run: Run) -> Outcome:
-    from ..convert.export import ExportOptions, export
+            self._torch = load_model(self.options.weights, num_classes=plan.num_classes,
+                                     seed=plan.seed)
+        return self._torch
 
+
+# --- the plans: what each step hands to the library ------------------------------------------
+
+@dataclass(frozen=True)
+class ExportPlan:
+    """What :func:`convert.export.export` gets, and the model it is built from."""
+
+    weights: str  # "imagenet", "random", or "file" (the checkpoint is hashed as an input)
+    num_classes: int | None
+    seed: int
+    spec: PreprocessSpec
+    preprocess_sources: dict[str, str]
+    labels: tuple[str, ...] | None
+    labels_source: str | None
+    output: str
+    options: ExportOptions
+
+
+def export_plan(run: Run) -> ExportPlan:
     o = run.options
-    model, loaded = run.torch_model()
-    # Seeded random inputs for export's own check: the FP32 model then depends on the
-    # checkpoint and options only, and the parity step compares every model on photos.
-    result = export(model, loaded, o.spec, run.model_path("fp32"),
-                    labels=list(o.labels) if o.labels else None, labels_source=o.labels_source,
-                    preprocess_sources=o.spec_sources,
-                    options=ExportOptions(exporter=o.exporter, dynamic_batch=o.dynamic_batch,
-                                          parity_images=None, seed=o.seed))
+    # Seeded random inputs for export's own check (no parity_images): the FP32 model then
+    # depends on the checkpoint and options only, and the parity step compares on photos.
+    return ExportPlan(
+        weights=o.weights if o.weights in ("random", "imagenet") else "file",
+        num_classes=o.num_classes, seed=o.seed, spec=o.spec,
+        preprocess_sources=dict(o.spec_sources), labels=o.labels,
+        labels_source=o.labels_source, output=o.file("fp32"),
+        options=ExportOptions(exporter=o.exporter, dynamic_batch=o.dynamic_batch,
+                              parity_images=None, seed=o.seed))
+
+
+def _export(run: Run, plan: ExportPlan) -> Outcome:
+    from ..convert.export import export
+
+    model, loaded = run.torch_model(plan)
+    result = export(model, loaded, plan.spec, run.out / plan.output,
+                    labels=list(plan.labels) if plan.labels else None,
+                    labels_source=plan.labels_source,
+                    preprocess_sources=plan.preprocess_sources, options=plan.options)
     checkpoint = Path(loaded.source).name if loaded.source not in ("random", "imagenet") \
         else loaded.source
-    return Outcome((run.model_path("fp32"),), {
-        "parity_passed": result.parity["passed"],
-        "max_abs_diff": result.parity["max_abs_diff"], "nodes": result.nodes_after,
-        "weights": result.weights, "checkpoint": checkpoint, "sha256": loaded.sha256,
-        "untrained": loaded.is_random, "preprocess": result.preprocess,
-        "preprocess_sources": result.preprocess_sources, "labels": result.labels_source})
+    return Outcome((run.out / plan.output,), ExportFacts(
+        parity_passed=result.parity["passed"], max_abs_diff=result.parity["max_abs_diff"],
+        nodes=result.nodes_after, weights=result.weights, checkpoint=checkpoint,
+        sha256=loaded.sha256, untrained=loaded.is_random, preprocess=result.preprocess,
+        preprocess_sources=result.preprocess_sources, labels=result.labels_source))
 
 
-def _quantize(run: Run) -> Outcome:
-    from ..convert.quantize.publish import quantize
-    from ..convert.quantize.recipe import QuantizeOptions
+@dataclass(frozen=True)
+class QuantizePlan:
+    output: str
+    options: QuantizeOptions
 
+
+def quantize_plan(run: Run) -> QuantizePlan:
     o = run.options
     # The gate checks on --eval-images when given; otherwise quantize holds photos back.
-    options = QuantizeOptions(method=o.method, num_samples=o.num_samples, target=o.target,
-                              seed=o.seed, eval_images=o.eval_images, tolerances=o.gate)
+    return QuantizePlan(o.file("int8"), QuantizeOptions(
+        method=o.method, num_samples=o.num_samples, target=o.target, seed=o.seed,
+        eval_images=o.eval_images, tolerances=o.gate))
+
+
+def _quantize(run: Run, plan: QuantizePlan) -> Outcome:
+    from ..convert.quantize import quantize
+
     try:
-        result = quantize(run.model_path("fp32"), o.calibration, run.model_path("int8"),
-                          options=options)
+        result = quantize(run.model_path("fp32"), run.options.calibration,
+                          run.out / plan.output, options=plan.options)
     except CheckFailed as exc:
         if exc.report is not None:
-            exc.report = _quantize_results(exc.report)
+            exc.report = _quantize_facts(exc.report)
         raise
-    return Outcome((run.model_path("int8"),), _quantize_results(result))
+    return Outcome((run.out / plan.output,), _quantize_facts(result))
 
 
-def _quantize_results(result: Any) -> dict[str, Any]:
+def _quantize_facts(result: Any) -> QuantizeFacts:
     check = result.check
-    return {"target": result.settings.target, "method": result.settings.method,
-            "num_calibration": result.num_calibration, "held_out": result.held_out,
-            "check_passed": None if check is None else check.passed,
-            "top1_agreement": None if check is None else check.comparison.top1_agreement,
-            "cosine_p1": None if check is None else check.comparison.cosine_p1,
-            "needed": {} if check is None or check else check.needed(),
-            "tolerance": None if check is None else check.tolerance.describe(),
-            "notes": list(result.notes), "size_ratio": round(result.size_ratio, 4)}
+    return QuantizeFacts(
+        target=result.settings.target, method=result.settings.method,
+        num_calibration=result.num_calibration, held_out=result.held_out,
+        check_passed=None if check is None else check.passed,
+        top1_agreement=None if check is None else check.comparison.top1_agreement,
+        cosine_p1=None if check is None else check.comparison.cosine_p1,
+        needed={} if check is None or check else check.needed(),
+        tolerance=None if check is None else check.tolerance.describe(),
+        notes=tuple(result.notes), size_ratio=round(result.size_ratio, 4))
 
 
-def _fp16(run: Run) -> Outcome:
-    from ..convert.fp16 import Fp16Options, convert_fp16
-
-    result = convert_fp16(run.model_path("fp32"), run.model_path("fp16"),
-                          options=Fp16Options(check_images=None, seed=run.options.seed))
-    return Outcome((run.model_path("fp16"),), {
-        "check_passed": result.check.passed, "cosine_min": result.check.comparison.cosine_min})
+@dataclass(frozen=True)
+class Fp16Plan:
+    output: str
+    options: Fp16Options
 
 
-def _parity(run: Run) -> Outcome:
-    from ..artifact.model_file import ModelFile
-    from ..checks.parity import ParityOptions, check, make_inputs, model_spec, run_parity
+def fp16_plan(run: Run) -> Fp16Plan:
+    return Fp16Plan(run.options.file("fp16"), Fp16Options(check_images=None,
+                                                          seed=run.options.seed))
 
+
+def _fp16(run: Run, plan: Fp16Plan) -> Outcome:
+    from ..convert.fp16 import convert_fp16
+
+    result = convert_fp16(run.model_path("fp32"), run.out / plan.output, options=plan.options)
+    return Outcome((run.out / plan.output,), Fp16Facts(
+        check_passed=result.check.passed, cosine_min=result.check.comparison.cosine_min))
+
+
+@dataclass(frozen=True)
+class ParityPlan:
+    """:func:`checks.parity.run_parity`'s options and the photos it is fed (how many, which
+    seeded subset)."""
+
+    limit: int | None
+    seed: int
+    options: ParityOptions
+
+
+def parity_plan(run: Run) -> ParityPlan:
     o = run.options
+    return ParityPlan(o.parity_limit, o.seed, ParityOptions(providers=o.providers,
+                                                            tolerances=o.gate))
+
+
+def _parity(run: Run, plan: ParityPlan) -> Outcome:
+    from ..artifact.model_file import ModelFile
+    from ..checks.parity import check, make_inputs, model_spec, run_parity
+
     files = [ModelFile.read(p) for p in run.model_paths()]
     inputs = make_inputs(model_spec(files, None), images=run.images(), random_count=None,
-                         limit=o.parity_limit, seed=o.seed)
-    report, _ = run_parity(files, inputs=inputs, weights_model=run.torch_model()[0],
-                           options=ParityOptions(providers=o.providers, tolerances=o.gate))
+                         limit=plan.limit, seed=plan.seed)
+    report, _ = run_parity(files, inputs=inputs,
+                           weights_model=run.torch_model(export_plan(run))[0],
+                           options=plan.options)
     path = run.out / "parity.json"
     write_json(path, {"machine": machine_info(), **report.to_dict()})
-    results = {"passed": report.passed, "inputs": report.inputs["description"],
-               "backends": [{"backend": f"{Path(r.model).name}@{r.provider}" if r.model
-                             else r.backend, "precision": r.precision, "passed": r.passed,
-                             "tolerance": r.tolerance,
-                             "judged_on": r.check.judged_on() if r.check else {},
-                             "cosine_min": r.comparison.cosine_min if r.comparison else None,
-                             "top1_agreement": (r.comparison.top1_agreement
-                                                if r.comparison else None)}
-                            for r in report.results]}
+    facts = ParityFacts(passed=report.passed, inputs=report.inputs["description"], backends=tuple(
+        BackendFacts(backend=f"{Path(r.model).name}@{r.provider}" if r.model else r.backend,
+                     precision=r.precision, passed=r.passed, tolerance=r.tolerance,
+                     judged_on=r.check.judged_on() if r.check else {},
+                     cosine_min=r.comparison.cosine_min if r.comparison else None,
+                     top1_agreement=r.comparison.top1_agreement if r.comparison else None)
+        for r in report.results))
     try:
         check(report)
     except CheckFailed as exc:
-        exc.report = results
+        exc.report = facts
         raise
-    return Outcome((path,), results)
+    return Outcome((path,), facts)
 
 
-def _evaluate(run: Run) -> Outcome:
-    from ..checks.evaluate import EvaluateOptions, evaluate
+def evaluate_plan(run: Run) -> EvaluateOptions:
+    return EvaluateOptions(seed=run.options.seed)
+
+
+def _evaluate(run: Run, plan: EvaluateOptions) -> Outcome:
+    from ..checks.evaluate import evaluate
 
     assert run.options.eval_images is not None
-    result = evaluate(run.model_paths(), run.options.eval_images,
-                      options=EvaluateOptions(seed=run.options.seed))
+    result = evaluate(run.model_paths(), run.options.eval_images, options=plan)
     path = run.out / "evaluate.json"
     write_json(path, {"machine": machine_info(), **result.to_dict()})
-    return Outcome((path,), {"images": result.models[0].n, "classes": result.classes,
-                             "models": [{**m.to_dict(), "model": Path(m.model).name}
-                                        for m in result.models]})
+    return Outcome((path,), EvaluateFacts(
+        images=result.models[0].n, classes=result.classes,
+        models=tuple(AccuracyFacts.from_dict({**m.to_dict(), "model": Path(m.model).name})
+                     for m in result.models)))
 
 
-def _bench(run: Run) -> Outcome:
-    from ..checks.bench import BenchOptions, busy_warning, run_bench
+@dataclass(frozen=True)
+class BenchPlan:
+    """One bench run per provider, and the machine: latency is a fact of the machine too."""
 
+    runs: tuple[BenchOptions, ...]
+    machine: str
+
+
+def bench_plan(run: Run) -> BenchPlan:
     o = run.options
-    rows, reports, results = [], [], []  # type: ignore[var-annotated]
-    for provider in o.providers:
-        report = run_bench(run.model_paths(), BenchOptions(
-            provider=provider, batch_sizes=o.bench_batch_sizes, warmup=o.bench_warmup,
-            iterations=o.bench_iterations, placement=provider != "cpu", seed=o.seed))
-        reports.append(report.to_dict())
-        results += report.results
-        rows += [{k: v for k, v in r.to_dict().items() if k in BENCH_KEYS}
-                 | {"model": Path(r.model).name} for r in report.results]
+    return BenchPlan(tuple(BenchOptions(
+        provider=provider, batch_sizes=o.bench_batch_sizes, warmup=o.bench_warmup,
+        iterations=o.bench_iterations, placement=provider != "cpu", seed=o.seed)
+        for provider in o.providers), describe())
+
+
+def _bench(run: Run, plan: BenchPlan) -> Outcome:
+    from ..checks.bench import busy_warning, run_bench
+
+    reports = [run_bench(run.model_paths(), options) for options in plan.runs]
+    results = [r for report in reports for r in report.results]
     path = run.out / "bench.json"
-    write_json(path, {"machine": machine_info(), "runs": reports})
-    return Outcome((path,), {"rows": rows, "busy": busy_warning(results)})
+    write_json(path, {"machine": machine_info(), "runs": [r.to_dict() for r in reports]})
+    return Outcome((path,), BenchFacts(
+        rows=tuple(LatencyFacts.from_dict({**r.to_dict(), "model": Path(r.model).name})
+                   for r in results), busy=busy_warning(results)))
 
 
-def _report(run: Run) -> Outcome:
+def _report(run: Run, plan: None) -> Outcome:
     from ..core.render import plot_bench
 
     records = run.records
@@ -301,88 +354,78 @@ def _report(run: Run) -> Outcome:
     except UserError as exc:  # matplotlib missing: the tables still say everything
         log.warning("report without the latency plot: %s", exc)
     write_text(outputs[0], report_markdown(records, plot.name if plot in outputs else None))
-    return Outcome(tuple(outputs), {"plot": plot in outputs})
+    return Outcome(tuple(outputs), ReportFacts(plot=plot in outputs))
 
 
-def _triton(run: Run) -> Outcome:
-    from ..serving.repository import package_triton
+@dataclass(frozen=True)
+class TritonPlan:
+    """The models packaged (their file names are the Triton names), the options they all
+    get, and the models that get others."""
 
-    options, per_model = triton_plan(run)
-    result = package_triton(run.model_paths(), run.out / REPOSITORY, options=options,
-                            model_options=per_model)
-    return Outcome(tuple(run.out / REPOSITORY / f for f in result.files),
-                   {"models": [m.to_dict() for m in result.models]})
+    models: tuple[str, ...]
+    options: TritonOptions
+    per_model: tuple[tuple[str, TritonOptions], ...]
 
 
-def triton_plan(run: Run) -> tuple[TritonOptions, dict[Path, TritonOptions]]:
+def triton_plan(run: Run) -> TritonPlan:
     """GPU instances when a GPU provider was asked for; TensorRT when tensorrt was. An INT8
     model quantized for a CPU target stays on CPU instances: TensorRT takes only symmetric
     int8, and the CUDA provider has no INT8 convolution."""
     o = run.options
+    models = tuple(o.file(p) for p in o.precisions)
     base = o.triton or TritonOptions()
     if not o.gpu:
-        return base, {}
+        return TritonPlan(models, base, ())
     tensorrt: TrtPrecision | None = None
     if "tensorrt" in o.providers:
         tensorrt = "int8" if o.target == "tensorrt" else "fp16"
     options = dataclasses.replace(base, device="gpu", tensorrt=tensorrt)
     if tensorrt == "int8":
-        return options, {}
-    return options, {run.model_path("int8"): dataclasses.replace(base, device="cpu",
-                                                                 tensorrt=None)}
+        return TritonPlan(models, options, ())
+    return TritonPlan(models, options, ((o.file("int8"), dataclasses.replace(
+        base, device="cpu", tensorrt=None)),))
 
 
-def _triton_options(run: Run) -> dict[str, Any]:
-    options, per_model = triton_plan(run)
-    return {"default": options.to_dict(),
-            "per_model": {p.name: v.to_dict() for p, v in per_model.items()}}
+def _triton(run: Run, plan: TritonPlan) -> Outcome:
+    from ..serving.repository import package_triton
+
+    result = package_triton([run.out / m for m in plan.models], run.out / REPOSITORY,
+                            options=plan.options,
+                            model_options={run.out / m: o for m, o in plan.per_model})
+    return Outcome(tuple(run.out / REPOSITORY / f for f in result.files),
+                   TritonFacts(models=tuple(m.to_dict() for m in result.models)))
 
 
-def _spec_options(o: PipelineOptions) -> dict[str, Any]:
-    return {"weights": o.weights if o.weights in ("random", "imagenet") else "file",
-            "num_classes": o.num_classes, "spec": o.spec.to_dict(),
-            "sources": o.spec_sources, "labels_source": o.labels_source, "name": o.model_name,
-            "labels": digest(list(o.labels)) if o.labels else None, "exporter": o.exporter,
-            "dynamic_batch": o.dynamic_batch, "seed": o.seed}
+# --- the plan and the run ----------------------------------------------------------------
+
+def _quantize_inputs(run: Run) -> dict[str, Any]:
+    o = run.options
+    extra = {"eval_images": run.hashes.folder_input(o.eval_images)} \
+        if o.eval_images is not None else {}
+    return {"fp32_model": run.model_input("fp32"),
+            "calibration": run.hashes.folder_input(o.calibration), **extra}
 
 
 def steps(options: PipelineOptions) -> list[Step]:
-    """The plan for these options, in order."""
-    plan = [
-        Step("export", lambda r: {"weights": r.weights_input()},
-             lambda r: _spec_options(r.options), _export),
-        Step("quantize", lambda r: {
-            "fp32_model": r.model_input("fp32"),
-            "calibration": r.hashes.folder_input(r.options.calibration),
-            **({"eval_images": r.hashes.folder_input(r.options.eval_images)}
-               if r.options.eval_images is not None else {})},
-            lambda r: {"method": r.options.method, "num_samples": r.options.num_samples,
-                       "target": r.options.target, "seed": r.options.seed,
-                       "gate": r.options.gate.to_dict()}, _quantize),
-    ]
+    """The steps these options ask for, in order."""
+    plan = [Step("export", export_plan, lambda r: {"weights": r.weights_input()}, _export),
+            Step("quantize", quantize_plan, _quantize_inputs, _quantize)]
     if options.gpu:
-        plan.append(Step("fp16", lambda r: {"fp32_model": r.model_input("fp32")},
-                         lambda r: {"seed": r.options.seed}, _fp16))
-    plan.append(Step("parity", lambda r: {"weights": r.weights_input(), **r.models_input(),
-                                          "images": r.hashes.folder_input(r.images())},
-                     lambda r: {"providers": list(r.options.providers),
-                                "limit": r.options.parity_limit, "seed": r.options.seed,
-                                "gate": r.options.gate.to_dict()},
-                     _parity))
-    eval_images = options.eval_images
-    if eval_images is not None:
-        plan.append(Step("evaluate", lambda r: {
-            **r.models_input(), "eval_images": r.hashes.folder_input(eval_images)},
-            lambda r: {"provider": "cpu", "seed": r.options.seed}, _evaluate))
-    plan.append(Step("bench", lambda r: r.models_input(), lambda r: {
-        "providers": list(r.options.providers), "batch_sizes": list(r.options.bench_batch_sizes),
-        "iterations": r.options.bench_iterations, "warmup": r.options.bench_warmup,
-        "machine": describe()}, _bench))
+        plan.append(Step("fp16", fp16_plan, lambda r: {"fp32_model": r.model_input("fp32")},
+                         _fp16))
+    plan.append(Step("parity", parity_plan, lambda r: {
+        "weights": r.weights_input(), **r.models_input(),
+        "images": r.hashes.folder_input(r.images())}, _parity))
+    if options.eval_images is not None:
+        plan.append(Step("evaluate", evaluate_plan, lambda r: {
+            **r.models_input(), "eval_images": r.hashes.folder_input(r.options.eval_images)},
+            _evaluate))
+    plan.append(Step("bench", bench_plan, lambda r: r.models_input(), _bench))
     reported = [s.name for s in plan]
-    plan.append(Step("report", lambda r: {n: r.step_input(n) for n in reported},
-                     lambda r: {}, _report))
+    plan.append(Step("report", lambda r: None,
+                     lambda r: {n: r.step_input(n) for n in reported}, _report))
     if options.triton is not None:
-        plan.append(Step("triton", lambda r: r.models_input(), _triton_options, _triton))
+        plan.append(Step("triton", triton_plan, lambda r: r.models_input(), _triton))
     return plan
 
 
@@ -393,32 +436,12 @@ def known_steps() -> tuple[str, ...]:
     return tuple(s.name for s in steps(everything))
 
 
-def _previous(out: Path) -> dict[str, StepRecord]:
-    path = out / MANIFEST
-    if not path.exists():
-        return {}
-    try:
-        return records_of(read_manifest(path, known_steps()))
-    except UserError:
-        log.warning("%s: unreadable; every step runs again", path)
-        return {}
-
-
-def _outputs_hold(record: StepRecord, out: Path, hashes: Hashes) -> bool:
-    for entry in record.outputs:
-        path = out / entry["path"]
-        if not path.is_file() or hashes.file(path) != entry["sha256"]:
-            return False
-    return True
-
-
 def run_pipeline(output: str | Path, options: PipelineOptions, *,
                  progress: Callable[[str], None] | None = None) -> PipelineResult:
     """Run the steps that are not up to date; raise the failing step's own error.
 
-    ``progress`` gets one line per step. A failed step is recorded with its error (and its
-    figures, when it measured any) before the error propagates; steps after it keep their
-    previous records, which ``verify`` then reports as stale.
+    ``progress`` gets one line per step. Bad inputs (a provider that cannot run, a missing
+    checkpoint or photo folder) fail before any step runs.
     """
     from ..runtime.providers import require_provider
 
@@ -427,49 +450,11 @@ def run_pipeline(output: str | Path, options: PipelineOptions, *,
         raise UserError(f"{out}: exists and is not a folder; choose another -o")
     for provider in options.providers:
         require_provider(provider)  # before any work: a missing one is exit 2 right away
-    say = progress or (lambda line: log.info("%s", line))
     run = Run(out, options)
-    run.weights_input()  # bad inputs fail here, not after the steps before them ran
+    run.weights_input()
     for folder in (options.calibration, options.eval_images):
         if folder is not None:
             run.hashes.folder_input(folder)
     out.mkdir(parents=True, exist_ok=True)
-    plan = steps(options)
-    order = [s.name for s in plan]
-    # Steps these options no longer ask for (evaluate, fp16, triton) are forgotten now, so
-    # neither report.md nor a manifest written after a failure shows their old figures.
-    run.records.update({name: record for name, record in _previous(out).items()
-                        if name in order})
-    records = run.records
-    for index, step in enumerate(plan, start=1):
-        inputs, opts = step.inputs(run), step.options(run)
-        key = step_key(inputs, opts)
-        prev = records.get(step.name)
-        prefix = f"[{index}/{len(plan)}] {step.name}:"
-        if (not options.force and prev is not None and prev.status != FAILED
-                and prev.key == key and _outputs_hold(prev, out, run.hashes)):
-            # Same hashes, perhaps other paths: record where the inputs are now.
-            records[step.name] = dataclasses.replace(prev, status=UP_TO_DATE, inputs=inputs)
-            say(f"{prefix} up to date")
-            continue
-        start = time.perf_counter()
-        try:
-            outcome = step.run(run)
-        except (CheckFailed, UserError) as exc:
-            report = getattr(exc, "report", None)
-            records[step.name] = StepRecord(
-                step.name, FAILED, key, inputs, opts, results=report if isinstance(
-                    report, dict) else {}, seconds=round(time.perf_counter() - start, 3),
-                error=str(exc))
-            write_manifest(out, records, order)
-            say(f"{prefix} FAILED after {time.perf_counter() - start:.1f}s")
-            raise
-        seconds = round(time.perf_counter() - start, 3)
-        records[step.name] = StepRecord(
-            step.name, BUILT, key, inputs, opts,
-            outputs=[run.hashes.output(out, p, step.name) for p in outcome.outputs],
-            results=outcome.results, seconds=seconds)
-        write_manifest(out, records, order)
-        say(f"{prefix} built in {seconds:.1f}s")
-    path = write_manifest(out, records, order)
-    return PipelineResult(str(out), str(path), tuple(records[n] for n in order))
+    return execute(steps(options), run, known=known_steps(), force=options.force,
+                   say=progress or (lambda line: log.info("%s", line)))

@@ -22,7 +22,7 @@ from ...data.folders import LabelledImages, labelled_images, read_images
 from ...data.images import list_images, seeded_subset
 from ...data.spec import PreprocessSpec
 from ...runtime.providers import SessionConfig
-from ...runtime.runners import OrtBackend, run_batched
+from ...runtime.runners import run_model
 from .calibrate import ImageFolderReader, quantize_with_ranges
 from .prepare import SENSITIVE_OPS, Prepared
 from .recipe import DEFAULT_BATCH, QuantizeOptions, QuantSettings
@@ -115,10 +115,9 @@ def _accuracy(logits: np.ndarray, targets: np.ndarray) -> tuple[float, float]:
 
 def _run(model: Path, inputs: np.ndarray, batch_size: int, *, output: str | None = None,
          simulate: bool = False, shown_as: Path | None = None) -> np.ndarray:
-    config = SessionConfig(simulate_int8=simulate)
     label = None if shown_as is None else f"the INT8 model quantized from {shown_as}"
-    backend = OrtBackend(model, "cpu", config, label=label, output=output)
-    return run_batched(backend, inputs, batch_size)
+    return run_model(model, inputs, batch_size, config=SessionConfig(simulate_int8=simulate),
+                     label=label, output=output)
 
 
 def sensitivity(pre: Path, cache: Path, settings: QuantSettings, candidates: Sequence[str],
