@@ -22,6 +22,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check resnet_deploy tests
+	$(BIN)/isort --check-only resnet_deploy tests
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
 

@@ -93,7 +93,7 @@ def test_torch_baseline_present_and_says_its_weights(report: BenchReport) -> Non
 
 def test_fp16_on_cpu_carries_a_note(report: BenchReport) -> None:
     notes = [n for n in report.notes if "FP16 is a GPU format" in n]
-    assert len(notes) == 1 and "--provider cuda" in notes[0]
+    assert len(notes) == 1 and "`provider` cuda" in notes[0]
 
 
 def _result(samples_ms: list[float], model: str = "m.onnx") -> BenchResult:

@@ -78,7 +78,7 @@ def test_unreadable_files_are_skipped_with_one_warning(random_onnx: Path, tmp_pa
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
     assert "skipped 3 of 6 calibration images" in warnings[0].getMessage()
-    assert "--strict" in warnings[0].getMessage()
+    assert "`strict`" in warnings[0].getMessage()
 
 
 def test_strict_makes_an_unreadable_file_fatal(random_onnx: Path, tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 import shutil
 from pathlib import Path
 
@@ -115,3 +116,38 @@ def test_cli_modules_stay_thin(path: Path) -> None:
     """The CLI parses, calls the library and renders: no command module grows past 350
     lines (the layering test already keeps every library module from importing it)."""
     assert len(path.read_text().splitlines()) <= 350, f"{path.name} is over 350 lines"
+
+
+def _message_strings(path: Path) -> list[str]:
+    """Every string literal of a module but its docstrings (f-strings' literal parts too)."""
+    tree = ast.parse(path.read_text())
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef))
+                  and node.body and isinstance(node.body[0], ast.Expr)
+                  and isinstance(node.body[0].value, ast.Constant)}
+    return [node.value for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str)
+            and id(node) not in docstrings]
+
+
+def test_the_library_names_parameters_and_the_cli_names_flags() -> None:
+    """Library messages name parameters (`input_size`); the CLI turns them into its flags.
+    A handful of strings may still spell a flag: a command line for the user to type."""
+    ours = {opt for command in main.commands.values() for param in command.params
+            for opt in getattr(param, "opts", []) if opt.startswith("--")}
+    flagged = [(path.relative_to(PACKAGE).as_posix(), text)
+               for path in sorted(PACKAGE.rglob("*.py")) if path.parts[-2] != "cli"
+               for text in _message_strings(path)
+               if set(re.findall(r"--[a-z][a-z0-9-]+", text)) & ours]
+    assert len(flagged) <= 10, "\n".join(f"{p}: {t!r}" for p, t in flagged)
+
+
+def test_a_library_message_reads_as_flags_at_the_cli(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["parity", "--model", str(tmp_path / "none.onnx"),
+                                       "--random", "2", "--images", str(tmp_path)])
+    assert result.exit_code == 2 and "--images" in result.stderr and "--random" in result.stderr
+    from resnet_deploy.checks.parity import compare_backends
+    from resnet_deploy.core.errors import UserError
+
+    with pytest.raises(UserError, match="give either `images` or `random_count`"):
+        compare_backends([], images=tmp_path, random_count=2)

@@ -188,7 +188,7 @@ def test_vnni_model_on_a_saturating_cpu_is_warned_about(
     vnni, cpu = ModelFile.read(by_target["cpu-vnni"]), ModelFile.read(by_target["cpu"])
     warning = vnni.cpu_warning("cpu")
     assert warning and "target cpu-vnni needs VNNI or AMX" in warning
-    assert "int8 path avx2" in warning and "--target cpu" in warning
+    assert "int8 path avx2" in warning and "`target` cpu" in warning
     assert "\n" not in warning
     assert cpu.cpu_warning("cpu") is None and vnni.cpu_warning("cuda") is None
     from resnet_deploy.checks.evaluate import evaluate

@@ -87,7 +87,7 @@ def test_safetensors_loads(tmp_path: Path, trained_state: dict) -> None:
 def test_num_classes_mismatch_is_an_error(tmp_path: Path, trained_state: dict) -> None:
     path = tmp_path / "w.pth"
     torch.save(trained_state, path)
-    with pytest.raises(UserError, match="7 classes but --num-classes is 3"):
+    with pytest.raises(UserError, match="7 classes but `num_classes` is 3"):
         load_model(str(path), num_classes=3)
 
 

@@ -25,7 +25,7 @@ def test_defaults_follow_torchvision_eval_convention() -> None:
 
 
 def test_bad_spec_rejected() -> None:
-    with pytest.raises(UserError, match="resize-size"):
+    with pytest.raises(UserError, match="`resize_size`"):
         PreprocessSpec.create(224, 200)
 
 

@@ -195,6 +195,6 @@ def resolve_spec(meta: ModelMetadata | None, override: PreprocessSpec | None,
         return override
     if meta is None:
         raise UserError(f"{model_path}: has no resnet-deploy preprocessing metadata; export "
-                        "it with 'resnet-deploy export', or pass --input-size (and "
-                        "--resize-size/--mean/--std) to say how to preprocess")
+                        "it with 'resnet-deploy export', or pass `input_size` (and "
+                        "`resize_size`/`mean`/`std`) to say how to preprocess")
     return meta.preprocess

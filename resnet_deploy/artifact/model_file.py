@@ -95,7 +95,7 @@ def choose_output(model: onnx.ModelProto, meta: ModelMetadata | None, source: st
         if len(flat) > 1:
             raise UserError(f"{source}: has {len(flat)} outputs that could be the logits "
                             f"({', '.join(o.name for o in flat)}); choose one with "
-                            "--output-name NAME")
+                            "`output_name` NAME")
         chosen = flat[0] if flat else next(iter(outputs.values()))
     if len(tensor_dims(chosen)) != 2:
         raise UserError(f"{source}: output {chosen.name!r} has {len(tensor_dims(chosen))} "
@@ -162,15 +162,15 @@ class ModelFile:
         spec = resolve_spec(self.meta, override, self.path)
         size = (self.io.height, self.io.width)
         if any(d is not None and d != spec.input_size for d in size):
-            where = "--input-size" if override is not None else "its metadata"
+            where = "`input_size`" if override is not None else "its metadata"
             raise UserError(f"{self.path}: the graph takes {size[0] or '?'}x{size[1] or '?'} "
-                            f"images but {where} says {spec.input_size}; pass --input-size "
+                            f"images but {where} says {spec.input_size}; pass `input_size` "
                             f"{size[0] or size[1]} or re-export the model")
         if self.meta is not None and self.meta.labels is not None and self.io.classes \
                 and len(self.meta.labels) != self.io.classes:
             raise UserError(f"{self.path}: its metadata has {len(self.meta.labels)} labels but "
                             f"the graph gives {self.io.classes} logits; re-export it with "
-                            "matching --labels")
+                            "matching `labels`")
         return spec
 
     @property
@@ -191,7 +191,7 @@ class ModelFile:
         target = f"target {self.target}" if self.target else "8-bit weights"
         return (f"{self.path}: {target} needs VNNI or AMX, but this CPU ({cpu['cpu']}, int8 "
                 f"path {cpu['int8_path']}) sums in int16 and saturates: its figures here are "
-                "worse than on the target; re-quantize with --target cpu to run on this CPU")
+                "worse than on the target; re-quantize with `target` cpu to run on this CPU")
 
     def warn_if_wrong_cpu(self, provider: str) -> None:
         warning = self.cpu_warning(provider)

@@ -22,7 +22,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
@@ -30,6 +30,7 @@ from ..artifact.metadata import ModelMetadata
 from ..artifact.model_file import ModelFile
 from ..core.errors import UserError
 from ..core.machine import machine_info
+from ..core.progress import Progress, eta, to_log
 from ..runtime.providers import (PROVIDERS, SessionConfig, available_providers, provider_name,
                                  require_provider, short_provider)
 from ..runtime.runners import OrtRunner, Runner, TorchRunner
@@ -239,17 +240,6 @@ def _torch_target(meta: ModelMetadata | None, size: int, options: BenchOptions,
 
 # --- the measurement ---------------------------------------------------------------------
 
-class Progress(Protocol):
-    """Where progress goes: ``transient`` lines (counts and time left while timing) may be
-    overwritten by the next line; the others are kept."""
-
-    def __call__(self, message: str, *, transient: bool = False) -> None: ...
-
-
-def _log_progress(message: str, *, transient: bool = False) -> None:
-    log.log(logging.DEBUG if transient else logging.INFO, "%s", message)
-
-
 def _summary(samples_ns: Sequence[int], batch: int) -> dict[str, float]:
     ms = np.asarray(samples_ns, dtype=np.float64) / 1e6
     p10, p50, p90, p99 = np.percentile(ms, [10, 50, 90, 99])
@@ -269,15 +259,15 @@ def _inputs(target: Target, batch: int, seed: int) -> np.ndarray:
 
 def _check_options(options: BenchOptions, provider: str) -> None:
     if not options.batch_sizes or min(options.batch_sizes) < 1:
-        raise UserError("--batch-size takes positive integers, e.g. 1,8,32")
+        raise UserError("`batch_sizes` takes positive integers, e.g. 1,8,32")
     if options.warmup < 0 or options.iterations < 1 or options.block < 1:
-        raise UserError("--warmup must be >= 0, --iterations and --block >= 1")
+        raise UserError("`warmup` must be >= 0, `iterations` and `block` >= 1")
     if options.duration_s is not None and options.duration_s <= 0:
-        raise UserError("--duration takes a positive number of seconds")
+        raise UserError("`duration_s` takes a positive number of seconds")
     if options.cuda_graph and provider == PROVIDERS["cpu"]:
-        raise UserError("--cuda-graph needs --provider cuda or tensorrt")
+        raise UserError("`cuda_graph` needs `provider` cuda or tensorrt")
     if options.cuda_graph and not options.io_binding:
-        raise UserError("--cuda-graph needs --io-binding: a captured graph replays fixed "
+        raise UserError("`cuda_graph` needs `io_binding`: a captured graph replays fixed "
                         "input/output addresses, which only IO binding provides")
 
 
@@ -289,7 +279,7 @@ def run_bench(models: Sequence[str | Path], options: BenchOptions = BenchOptions
     :func:`runtime.create_session` decides, and UserError for bad models or options.
     """
     if not models:
-        raise UserError("give at least one --model")
+        raise UserError("give at least one `models`")
     provider = require_provider(options.provider)
     settle = options.settle_s
     if settle is None:
@@ -297,7 +287,7 @@ def run_bench(models: Sequence[str | Path], options: BenchOptions = BenchOptions
     options = dataclasses.replace(options, provider=short_provider(provider_name(provider)),
                                   settle_s=settle)
     _check_options(options, provider)
-    say = progress or _log_progress
+    say = progress or to_log
     with contextlib.ExitStack() as stack:
         targets, notes = _targets(models, options, provider, say, stack)
         results = [result for step, batch in enumerate(options.batch_sizes, 1)
@@ -319,8 +309,8 @@ def _targets(models: Sequence[str | Path], options: BenchOptions, provider: str,
         target = _onnx_target(path, options, provider)
         if target.static_batch is not None and set(options.batch_sizes) != {target.static_batch}:
             raise UserError(f"{path}: has a static batch of {target.static_batch}; use "
-                            f"--batch-size {target.static_batch} or export with "
-                            "--dynamic-batch")
+                            f"`batch_sizes` {target.static_batch} or export with "
+                            "`dynamic_batch`")
         targets.append(target)
     if options.torch_baseline:
         say("building the torch baseline")
@@ -391,7 +381,7 @@ def fp16_on_cpu_note(targets: Sequence[Target], provider: str) -> str | None:
         counts.append(f"FP32 {sum(full[0].values())}")
     return ("FP16 is a GPU format: ONNX Runtime's CPU provider runs it through Casts"
             f"{' (' + ', '.join(counts) + ')' if counts else ''}, so expect no gain over "
-            "FP32 on CPU; time it with --provider cuda or tensorrt")
+            "FP32 on CPU; time it with `provider` cuda or tensorrt")
 
 
 def _interleave(runners: Sequence[Runner], inputs: Sequence[np.ndarray], options: BenchOptions,
@@ -434,17 +424,10 @@ def _interleave(runners: Sequence[Runner], inputs: Sequence[np.ndarray], options
                         else min(spent / budget_ns, 1.0))
             say(f"batch {batch}{which}: {done}"
                 f"{f'/{options.iterations * count}' if budget_ns is None else ''} timed runs "
-                f"of {count} models, {_eta(time.monotonic() - started, fraction)}",
+                f"of {count} models, {eta(time.monotonic() - started, fraction)}",
                 transient=True)
         rounds += 1
     return samples
-
-
-def _eta(elapsed_s: float, fraction: float) -> str:
-    if fraction <= 0:
-        return "time left unknown"
-    left = elapsed_s * (1 - fraction) / fraction
-    return f"about {left:.0f} s left" if left >= 1 else "under 1 s left"
 
 
 def _with_ratios(results: Sequence[BenchResult]) -> list[BenchResult]:

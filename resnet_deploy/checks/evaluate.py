@@ -19,6 +19,7 @@ import numpy as np
 from ..artifact.model_file import ModelFile
 from ..core.errors import UserError
 from ..core.metrics import hits
+from ..core.progress import Counter, Progress
 from ..data.folders import labelled_images, warn_skipped
 from ..data.images import load_batch
 from ..data.spec import PreprocessSpec
@@ -34,7 +35,6 @@ class EvaluateOptions:
     limit: int | None = None
     seed: int = 0
     strict: bool = False
-    progress: bool = False
     spec: PreprocessSpec | None = None
     output_name: str | None = None  # the output to read in models with several
 
@@ -109,10 +109,11 @@ class _Entry:
 
 
 def evaluate(models: Sequence[str | Path], images: str | Path, *,
-             options: EvaluateOptions = EvaluateOptions()) -> EvaluateResult:
+             options: EvaluateOptions = EvaluateOptions(),
+             progress: Progress | None = None) -> EvaluateResult:
     """Top-1/top-5 of each model on the ImageFolder ``images`` (a seeded subset with limit)."""
     if not models:
-        raise UserError("no model given; pass --model PATH (repeat it to compare models)")
+        raise UserError("no model given; pass `models` PATH (repeat it to compare models)")
     folder = labelled_images(images).subset(options.limit, options.seed)
     entries = []
     for model in models:
@@ -132,7 +133,7 @@ def evaluate(models: Sequence[str | Path], images: str | Path, *,
     with contextlib.ExitStack() as stack:
         for entry in entries:
             entry.runner = stack.enter_context(OrtRunner(entry.file, options.provider))
-        skipped = _score_all(entries, paths, options)
+        skipped = _score_all(entries, paths, options, progress)
     warn_skipped(sorted(skipped), len(paths), "images")
     if all(e.n == 0 for e in entries):
         raise UserError(f"{folder.root}: none of the {len(paths)} images could be read")
@@ -148,26 +149,23 @@ def evaluate(models: Sequence[str | Path], images: str | Path, *,
                           models=tuple(accuracies))
 
 
-def _score_all(entries: Sequence[_Entry], paths: Sequence[Path],
-               options: EvaluateOptions) -> set[Path]:
+def _score_all(entries: Sequence[_Entry], paths: Sequence[Path], options: EvaluateOptions,
+               progress: Progress | None) -> set[Path]:
     """Every photo decoded once per distinct preprocessing and fed to each model that uses
     it; returns the photos that could not be read."""
-    from tqdm import tqdm
-
     specs = list(dict.fromkeys(e.spec for e in entries))
     skipped: set[Path] = set()
-    with tqdm(total=len(paths), desc="evaluating", unit="img", disable=not options.progress,
-              leave=False) as bar:
-        for start in range(0, len(paths), options.batch_size):
-            chunk = paths[start:start + options.batch_size]
-            for spec in specs:
-                batch, used, bad = load_batch(chunk, spec, strict=options.strict)
-                skipped.update(bad)
-                if not used:
-                    continue
-                for entry in (e for e in entries if e.spec == spec):
-                    _score(entry, entry.runner.infer(batch), used)
-            bar.update(len(chunk))
+    counter = Counter(progress, "evaluating", len(paths), "images")
+    for start in range(0, len(paths), options.batch_size):
+        chunk = paths[start:start + options.batch_size]
+        for spec in specs:
+            batch, used, bad = load_batch(chunk, spec, strict=options.strict)
+            skipped.update(bad)
+            if not used:
+                continue
+            for entry in (e for e in entries if e.spec == spec):
+                _score(entry, entry.runner.infer(batch), used)
+        counter.update(len(chunk))
     return skipped
 
 

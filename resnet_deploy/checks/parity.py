@@ -155,7 +155,7 @@ class Inputs:
             yield batch
         warn_skipped(self.skipped, self.planned, f"images in {self.root}")
         if not self.names:
-            raise UserError(f"{self.root}: holds no readable image; point --images at a folder "
+            raise UserError(f"{self.root}: holds no readable image; point `images` at a folder "
                             "of photos")
 
 
@@ -170,10 +170,10 @@ def make_inputs(spec: PreprocessSpec, *, images: Path | None, random_count: int 
     if random_count is not None:
         return Inputs(spec, random_count=random_count, seed=seed)
     if images is None:
-        raise UserError("give --images DIR or --random N")
+        raise UserError("give `images` DIR or `random_count` N")
     paths = seeded_subset(list_images(images), limit, seed)
     if not paths:
-        raise UserError(f"{images}: holds no readable image; point --images at a folder of "
+        raise UserError(f"{images}: holds no readable image; point `images` at a folder of "
                         "photos")
     return Inputs(spec, paths=paths, root=Path(images), seed=seed, strict=strict)
 
@@ -212,8 +212,8 @@ class Golden:
         mine = inputs.hashes
         if len(self.hashes) != len(mine):
             raise UserError(f"{self.path}: holds outputs for {len(self.hashes)} inputs but "
-                            f"{len(mine)} were given; use the same --images/--random as when it "
-                            "was saved")
+                            f"{len(mine)} were given; use the same `images`/`random_count` as "
+                            "when it was saved")
         differing = sum(a != b for a, b in zip(self.hashes, mine, strict=True))
         if differing:
             raise UserError(f"{self.path}: {differing} of {len(mine)} inputs differ from those "
@@ -225,17 +225,17 @@ class Golden:
 def load_outputs(path: Path) -> Golden:
     """Golden logits from ``path`` (checked against the inputs by :meth:`Golden.match`)."""
     if not Path(path).is_file():
-        raise UserError(f"{path}: no such golden-outputs file; make one with --save-outputs")
+        raise UserError(f"{path}: no such golden-outputs file; make one with `save_outputs`")
     try:
         with np.load(path, allow_pickle=False) as data:
             logits, hashes = data["logits"], tuple(str(h) for h in data["input_sha256"])
             reference = str(data["reference"])
     except Exception as exc:
         raise UserError(f"{path}: not a golden-outputs .npz ({type(exc).__name__}); "
-                        "make one with --save-outputs") from None
+                        "make one with `save_outputs`") from None
     if logits.ndim != 2 or len(logits) != len(hashes):
         raise UserError(f"{path}: its logits do not match its input list; make it again with "
-                        "--save-outputs")
+                        "`save_outputs`")
     return Golden(Path(path), f"{reference} (golden outputs from {path})", logits, hashes)
 
 
@@ -284,10 +284,10 @@ def run_parity(models: Sequence[ModelFile], *, inputs: Inputs, weights_model: An
                                      options.tolerances, reference.precision))
     if not report.results:
         if not options.save_reference:
-            raise UserError("nothing was compared with the reference; add --model, --weights "
-                            "or --providers, or --save-outputs FILE to keep its outputs")
+            raise UserError("nothing was compared with the reference; add `models`, `weights` "
+                            "or `providers`, or `save_outputs` FILE to keep its outputs")
         report.notes.append(f"only the reference ({reference.name}) ran, so nothing was "
-                            "compared; its outputs are saved for a later --load-outputs")
+                            "compared; its outputs are saved for a later `load_outputs`")
     return report, logits
 
 
@@ -307,17 +307,17 @@ def _reference(models: Sequence[ModelFile], weights_model: Any | None, options: 
     name = options.reference or ("torch" if weights_model is not None else None)
     if name is None:
         if not models:
-            raise UserError("nothing to compare: give --model and/or --weights")
+            raise UserError("nothing to compare: give `models` and/or `weights`")
         name = f"{models[0].path}@cpu"
     if golden is not None:
         return _Reference(golden.reference, None, "fp32", frozenset())
     if name == "torch":
         if weights_model is None:
-            raise UserError("--reference torch needs --weights")
+            raise UserError("`reference` torch needs `weights`")
         return _Reference(name, TorchRunner(weights_model), "fp32", frozenset({"torch@cpu"}))
     model, _, provider = name.rpartition("@")
     if not model:
-        raise UserError(f"--reference {name!r}: use torch or MODEL@PROVIDER")
+        raise UserError(f"`reference` {name!r}: use torch or MODEL@PROVIDER")
     opened = next((m for m in models if m.path == Path(model)), None) \
         or ModelFile.read(model, options.output_name)
     return _Reference(name, OrtRunner(opened, provider), opened.precision,
@@ -382,11 +382,11 @@ def compare_backends(models: Sequence[str | Path], *, weights: str | None = None
     from ..weights.published import IMAGENET1K_V1
 
     if images is not None and random_count is not None:
-        raise UserError("give either --images or --random, not both")
+        raise UserError("give either `images` or `random_count`, not both")
     if load_outputs_from is not None and (weights or options.reference):
-        raise UserError("--load-outputs is the reference; drop --weights/--reference")
+        raise UserError("`load_outputs` is the reference; drop `weights`/`reference`")
     if not models and weights is None:
-        raise UserError("nothing to compare: give --model (and/or --weights)")
+        raise UserError("nothing to compare: give `models` (and/or `weights`)")
     files = [ModelFile.read(path, options.output_name) for path in models]
     spec = model_spec(files, spec) if files else spec
     golden = load_outputs(load_outputs_from) if load_outputs_from is not None else None
@@ -398,8 +398,8 @@ def compare_backends(models: Sequence[str | Path], *, weights: str | None = None
         spec = spec or PreprocessSpec.create(IMAGENET1K_V1.input_size,
                                              IMAGENET1K_V1.resize_size)
     if spec is None:
-        raise UserError("no preprocessing known: pass --input-size (and --resize-size, "
-                        "--mean, --std)")
+        raise UserError("no preprocessing known: pass `input_size` (and `resize_size`, "
+                        "`mean`, `std`)")
     inputs = make_inputs(spec, images=images, random_count=random_count, limit=limit,
                          strict=strict)
     report, reference = run_parity(files, inputs=inputs, weights_model=weights_model,
@@ -420,7 +420,7 @@ def check(report: ParityReport) -> None:
     failed = [r for r in report.results if r.passed is False]
     if failed:
         raise CheckFailed("; ".join(f"{r.backend}: {', '.join(r.failures)}" for r in failed)
-                          + "; if that difference is expected, loosen the tolerance (--atol, "
-                          "--min-cosine, --min-top1: the report shows what would pass)",
+                          + "; if that difference is expected, loosen the tolerance (`atol`, "
+                          "`min_cosine`, `min_top1`: the report shows what would pass)",
                           report=report)
 

@@ -21,6 +21,7 @@ import click
 from .. import __version__
 from ..core.errors import CheckFailed, UserError
 from .options import printable
+from .phrase import phrase
 
 
 class Terminated(BaseException):
@@ -65,7 +66,7 @@ class _UserFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         record.message = record.getMessage()  # as logging.Formatter does, for other readers
         if record.levelno >= logging.WARNING:
-            return printable(f"warning: {record.message}")
+            return printable(f"warning: {phrase(record.message)}")
         return printable(f"{record.levelname.lower()} {record.name}: {record.message}")
 
 
@@ -105,10 +106,10 @@ class Group(click.Group):
                 click.echo("Error: interrupted (Ctrl-C); no half-written file was left", err=True)
                 ctx.exit(130)
             if isinstance(exc, UserError):
-                click.echo(printable(f"Error: {exc}"), err=True)
+                click.echo(printable(f"Error: {phrase(str(exc))}"), err=True)
                 ctx.exit(2)
             if isinstance(exc, CheckFailed):
-                click.echo(printable(f"FAILED: {exc}"), err=True)
+                click.echo(printable(f"FAILED: {phrase(str(exc))}"), err=True)
                 ctx.exit(1)
             raise
 

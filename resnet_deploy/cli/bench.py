@@ -12,7 +12,7 @@ from ..core.files import check_outputs
 from ..core.machine import describe
 from .app import main
 from .options import (SEED, FilePath, Finite, batch_sizes as batch_sizes_of, emit, json_option,
-                      progress_enabled, provider_option, weights_option, write_json_if)
+                      provider_option, terminal_progress, weights_option, write_json_if)
 
 if TYPE_CHECKING:
     from ..checks.bench import BenchReport
@@ -90,12 +90,8 @@ def bench(models: tuple[Path, ...], providers: tuple[str, ...], batch_sizes: str
         iterations=iterations or 100, duration_s=duration, block=block, threads=threads,
         io_binding=io_binding, cuda_graph=cuda_graph, torch_baseline=torch_baseline,
         torch_weights=weights, placement=placement, trt_cache_dir=trt_cache, seed=seed)
-    say = _progress_line if progress_enabled() else None
-    try:
-        report = run_bench(list(models), options, progress=say)
-    finally:
-        if say is not None:
-            click.echo(CLEAR_LINE, err=True, nl=False)
+    with terminal_progress() as progress:
+        report = run_bench(list(models), options, progress=progress)
     render_bench(report)
     write_json_if(json_path, report.to_dict())
     if markdown_path is not None:
@@ -110,15 +106,6 @@ def bench(models: tuple[Path, ...], providers: tuple[str, ...], batch_sizes: str
 
         plot_bench([r.to_dict() for r in report.results], plot_path, machine=report.machine)
         emit(f"wrote {plot_path}")
-
-
-CLEAR_LINE = "\r\x1b[K"  # back to the start of the line, erase it
-
-
-def _progress_line(message: str, *, transient: bool = False) -> None:
-    """Progress on a terminal's stderr: transient lines (counts, time left) overwrite each
-    other; the next kept line replaces the last of them."""
-    click.echo(CLEAR_LINE + message, err=True, nl=not transient)
 
 
 PROVIDER_NAMES = {"cpu": "CPU", "cuda": "CUDA", "tensorrt": "TensorRT"}

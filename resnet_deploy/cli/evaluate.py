@@ -10,7 +10,7 @@ import click
 from ..core.files import check_outputs
 from .app import main
 from .options import (SEED, FilePath, build_spec, describe_machine, emit, json_option,
-                      output_name_option, preprocess_options, progress_enabled, provider_option,
+                      output_name_option, preprocess_options, provider_option, terminal_progress,
                       write_json_if)
 
 if TYPE_CHECKING:
@@ -50,11 +50,10 @@ def evaluate(models: tuple[Path, ...], images: Path, providers: tuple[str, ...],
     from ..checks.evaluate import EvaluateOptions, evaluate as run_evaluate
 
     options = EvaluateOptions(provider=providers[0], batch_size=batch_size, limit=limit, seed=seed,
-                              strict=strict,
-                              progress=progress_enabled(),
-                              spec=build_spec(input_size, resize_size, mean, std),
+                              strict=strict, spec=build_spec(input_size, resize_size, mean, std),
                               output_name=output_name)
-    result = run_evaluate(models, images, options=options)
+    with terminal_progress() as progress:
+        result = run_evaluate(models, images, options=options, progress=progress)
     render_evaluate(result)
     write_json_if(json_path, result.to_dict())
 

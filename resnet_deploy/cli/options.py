@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import click
 
 from ..core.choices import IMAGENET_MEAN, IMAGENET_STD
 from ..core.errors import CheckFailed, UserError
+from .phrase import phrase
 
 DEFAULT_MODEL = Path("artifacts/resnet18.onnx")
 # numpy's and torch's generators take seeds below 2**32 on every platform.
@@ -149,7 +151,7 @@ def output_name_option(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def emit(text: str) -> None:
     """A line of the command's report: stdout, or stderr when stdout carries the JSON."""
-    click.echo(printable(text), err=_json_to_stdout())
+    click.echo(printable(phrase(text)), err=_json_to_stdout())
 
 
 def printable(text: str) -> str:
@@ -259,8 +261,25 @@ def warn_if_guessed(preprocessing: Any, weights: str, num_classes: int | None = 
                    "as it was trained, or the model may score at chance", err=True)
 
 
-def progress_enabled() -> bool:
-    return sys.stderr.isatty()
+CLEAR_LINE = "\r\x1b[K"  # back to the start of the line, erase it
+
+
+@contextlib.contextmanager
+def terminal_progress() -> Iterator[Any]:
+    """The one progress display (a :class:`core.progress.Progress`), on a terminal only:
+    lines on stderr, the transient ones (counts, time left) overwriting each other and the
+    next kept line replacing them; the last is erased when the work ends. Elsewhere None."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+
+    def say(message: str, *, transient: bool = False) -> None:
+        click.echo(CLEAR_LINE + printable(phrase(message)), err=True, nl=not transient)
+
+    try:
+        yield say
+    finally:
+        click.echo(CLEAR_LINE, err=True, nl=False)
 
 
 def provider_option(*, single: bool = False) -> Decorator:

@@ -12,7 +12,7 @@ from ..core.files import check_outputs
 from .app import main
 from .options import (INT8_GATE_FLAGS, SEED, FilePath, Finite, build_spec, describe_machine, emit,
                       int8_gate_options, json_option, output_name_option, preprocess_options,
-                      progress_enabled, show_result)
+                      show_result, terminal_progress)
 
 if TYPE_CHECKING:
     from ..convert.quantize.publish import QuantizeResult
@@ -97,11 +97,12 @@ def quantize(model: Path, calibration: Path, output: Path | None, method: Method
         activation_type=activation_type, weight_type=weight_type, reduce_range=reduce_range,
         target=target, exclude=tuple(exclude), eval_images=eval_images,
         max_top1_drop=max_top1_drop, max_fallback=max_fallback, strict=strict, seed=seed,
-        check=not skip_check, progress=progress_enabled(),
+        check=not skip_check,
         tolerances=ToleranceOverrides(min_cosine=min_cosine, min_top1=min_top1),
         spec=build_spec(input_size, resize_size, mean, std), output_name=output_name)
-    show_result(lambda: run_quantize(model, calibration, output, options=options),
-                render_quantize, json_path)
+    with terminal_progress() as progress:
+        show_result(lambda: run_quantize(model, calibration, output, options=options,
+                                         progress=progress), render_quantize, json_path)
 
 
 def render_quantize(result: QuantizeResult) -> None:

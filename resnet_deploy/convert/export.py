@@ -132,7 +132,7 @@ def torch_to_onnx(model: nn.Module, spec: PreprocessSpec, path: Path,
     import torch
 
     if options.exporter not in EXPORTERS:
-        raise UserError(f"--exporter {options.exporter!r}: choose from {', '.join(EXPORTERS)}")
+        raise UserError(f"`exporter` {options.exporter!r}: choose from {', '.join(EXPORTERS)}")
     dummy = torch.zeros(2 if options.dynamic_batch else 1, 3, spec.input_size, spec.input_size)
     try:
         with _quiet_exporter(), torch.inference_mode(False):
@@ -154,8 +154,8 @@ def torch_to_onnx(model: nn.Module, spec: PreprocessSpec, path: Path,
     except Exception as exc:
         raise UserError(f"the {options.exporter} exporter failed at opset {options.opset} "
                         f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); try "
-                        f"--exporter {'torchscript' if options.exporter == 'dynamo' else 'dynamo'}"
-                        " or another --opset") from None
+                        f"`exporter` {'torchscript' if options.exporter == 'dynamo' else 'dynamo'}"
+                        " or another `opset`") from None
     proto = onnx.load(str(path))
     _name_batch_axis(proto, options.dynamic_batch)
     onnx.checker.check_model(proto, full_check=True)
@@ -175,7 +175,7 @@ def _name_batch_axis(proto: onnx.ModelProto, dynamic: bool) -> None:
 def simplify(proto: onnx.ModelProto, simplifier: str) -> tuple[onnx.ModelProto, str]:
     """Fold constants and fuse with onnxsim (default) or onnxslim; returns the one used."""
     if simplifier not in SIMPLIFIERS:
-        raise UserError(f"--simplify {simplifier!r}: choose from {', '.join(SIMPLIFIERS)}")
+        raise UserError(f"`simplify` {simplifier!r}: choose from {', '.join(SIMPLIFIERS)}")
     if simplifier == "none":
         return proto, "none"
     if simplifier == "onnxsim":
@@ -188,13 +188,13 @@ def simplify(proto: onnx.ModelProto, simplifier: str) -> tuple[onnx.ModelProto, 
             simplified, ok = onnxsim.simplify(proto)
             if not ok:
                 raise UserError("onnxsim could not validate the simplified model; "
-                                "retry with --simplify onnxslim or --simplify none")
+                                "retry with `simplify` onnxslim or `simplify` none")
             return simplified, "onnxsim"
     try:
         import onnxslim
     except ImportError:
         raise UserError("onnxslim is not installed; pip install onnxslim, "
-                        "or pass --simplify none") from None
+                        "or pass `simplify` none") from None
     return onnxslim.slim(proto), "onnxslim"
 
 
@@ -251,7 +251,7 @@ def export(model: nn.Module, weights: LoadedWeights, spec: PreprocessSpec, outpu
     if labels is None:
         labels, labels_source = weights.labels, weights.labels_source
     if labels is not None and len(labels) != weights.num_classes:
-        fix = (f"give --num-classes {len(labels)} for a random model, or a labels file "
+        fix = (f"give `num_classes` {len(labels)} for a random model, or a labels file "
                "with one line per class" if weights.is_random else
                "give a labels file with one line per class")
         raise UserError(f"{labels_source or 'the labels'}: {len(labels)} labels for a model "

@@ -140,7 +140,7 @@ def comparison_columns(between: str) -> list[Column]:
         Column("cosine_min", "worst cosine", "cosine",
                "lowest per-image cosine (1 = same direction)"),
         Column("max_abs_diff", "largest abs diff", "error",
-               f"largest |{between}| over every logit (also the smallest --atol that passes)"),
+               f"largest |{between}| over every logit (also the smallest `atol` that passes)"),
     ]
 
 
@@ -217,7 +217,7 @@ def require_matplotlib() -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise UserError(f"--plot needs matplotlib, which is not installed; "
+        raise UserError(f"`plot` needs matplotlib, which is not installed; "
                         f"{PLOT_INSTALL_HINT}") from None
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..core.errors import UserError
+from ..core.progress import Counter, Progress
 from .images import is_image, list_images, load_batch, seeded_subset
 from .spec import PreprocessSpec
 
@@ -33,29 +34,25 @@ def list_hash(paths: Sequence[Path], root: Path) -> str:
 def warn_skipped(skipped: Sequence[Path], total: int, what: str) -> None:
     """One warning line for all unreadable files, not one per file."""
     if skipped:
-        log.warning("skipped %d of %d %s that could not be read (first: %s); pass --strict "
+        log.warning("skipped %d of %d %s that could not be read (first: %s); pass `strict` "
                     "to make this an error", len(skipped), total, what, skipped[0])
 
 
 def read_images(paths: Sequence[Path], spec: PreprocessSpec, *, strict: bool = False,
-                progress: bool = False, batch_size: int = 64, what: str = "images",
+                progress: Progress | None = None, batch_size: int = 64, what: str = "images",
                 ) -> tuple[np.ndarray, list[Path]]:
-    """Preprocess ``paths`` into one NCHW array (with a progress bar); returns (array, used).
-
-    Unreadable files are skipped with one warning (an error when ``strict``); a list in
-    which nothing is readable is a UserError.
+    """Preprocess ``paths`` into one NCHW array (counted on ``progress``); returns (array,
+    used). Unreadable files are skipped with one warning (an error when ``strict``); a list
+    in which nothing is readable is a UserError.
     """
-    from tqdm import tqdm
-
     arrays, used, skipped = [], [], []
-    with tqdm(total=len(paths), desc=f"loading {what}", unit="img", disable=not progress,
-              leave=False) as bar:
-        for start in range(0, len(paths), batch_size):
-            batch, ok, bad = load_batch(paths[start:start + batch_size], spec, strict=strict)
-            arrays.append(batch)
-            used += ok
-            skipped += bad
-            bar.update(len(ok) + len(bad))
+    counter = Counter(progress, f"loading {what}", len(paths), "images")
+    for start in range(0, len(paths), batch_size):
+        batch, ok, bad = load_batch(paths[start:start + batch_size], spec, strict=strict)
+        arrays.append(batch)
+        used += ok
+        skipped += bad
+        counter.update(len(ok) + len(bad))
     warn_skipped(skipped, len(paths), what)
     if not used:
         raise UserError(f"none of the {len(paths)} {what} could be read as an image")
@@ -105,7 +102,7 @@ class LabelledImages:
                    "it has no labels to map them by")
             raise UserError(f"{self.root}: {len(self.classes)} class folders for a model with "
                             f"{count} classes, and {why}; give one folder per class, or name "
-                            "the folders after the model's labels (export it with --labels)")
+                            "the folders after the model's labels (export it with `labels`)")
         return list(range(len(self.classes))), "sorted"
 
     def targets(self, paths: Sequence[Path], labels: Sequence[str] | None = None,

@@ -37,14 +37,14 @@ class PreprocessSpec:
 
     def __post_init__(self) -> None:
         if self.input_size < 8:
-            raise UserError(f"--input-size {self.input_size} is too small; use at least 8")
+            raise UserError(f"`input_size` {self.input_size} is too small; use at least 8")
         if self.resize_size < self.input_size:
-            raise UserError(f"--resize-size {self.resize_size} is smaller than --input-size "
+            raise UserError(f"`resize_size` {self.resize_size} is smaller than `input_size` "
                             f"{self.input_size}; the centre crop needs resize >= input")
         if self.interpolation not in INTERPOLATIONS:
             raise UserError(f"interpolation {self.interpolation!r} is not one of {INTERPOLATIONS}")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise UserError("--mean and --std take three numbers each, std > 0")
+            raise UserError("`mean` and `std` take three numbers each, std > 0")
 
     @classmethod
     def create(cls, input_size: int = 224, resize_size: int | None = None,

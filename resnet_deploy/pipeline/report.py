@@ -11,8 +11,8 @@ import time
 from ..core.machine import describe
 from ..core.render import Column, cell, format_markdown
 from ..data.spec import PreprocessSpec
-from .facts import (FACTS, BackendFacts, BenchFacts, EvaluateFacts, ExportFacts, Facts,
-                    ParityFacts, QuantizeFacts)
+from .facts import (FACTS, BackendFacts, BenchFacts, EvaluateFacts, ExportFacts, Facts, ParityFacts,
+                    QuantizeFacts)
 from .manifest import StepRecord
 
 # How each figure a verdict rests on is written, in the order rules are listed.

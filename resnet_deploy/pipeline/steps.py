@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,130 +21,22 @@ from ..checks.parity import ParityOptions
 from ..convert.export import ExportOptions
 from ..convert.fp16 import Fp16Options
 from ..convert.quantize.recipe import QuantizeOptions
-from ..core.choices import Exporter, Method, Target, TrtPrecision
+from ..core.choices import TrtPrecision
 from ..core.errors import CheckFailed, UserError
 from ..core.files import write_text
 from ..core.machine import describe, machine_info
-from ..core.metrics import ToleranceOverrides
 from ..core.render import write_json
 from ..data.spec import PreprocessSpec
 from ..serving.triton import TritonOptions
 from .engine import Outcome, PipelineResult, Step, execute
-from .facts import (AccuracyFacts, BackendFacts, BenchFacts, EvaluateFacts, ExportFacts,
-                    Fp16Facts, LatencyFacts, ParityFacts, QuantizeFacts, ReportFacts,
-                    TritonFacts)
-from .manifest import Hashes, StepRecord
+from .facts import (AccuracyFacts, BackendFacts, BenchFacts, EvaluateFacts, ExportFacts, Fp16Facts,
+                    LatencyFacts, ParityFacts, QuantizeFacts, ReportFacts, TritonFacts)
+from .options import PipelineOptions, Run
 from .report import report_markdown
 
 log = logging.getLogger(__name__)
 
-DEFAULT_NAME = "resnet18"
-PRODUCERS = {"fp32": "export", "int8": "quantize", "fp16": "fp16"}
 REPOSITORY = "model_repository"
-GPU_PROVIDERS = ("cuda", "tensorrt")
-
-
-@dataclass(frozen=True)
-class PipelineOptions:
-    """Everything a run depends on besides its input files."""
-
-    weights: str = "imagenet"
-    num_classes: int | None = None
-    spec: PreprocessSpec = PreprocessSpec.create(224)
-    spec_sources: dict[str, str] = field(default_factory=dict)  # see card.Preprocessing
-    labels: tuple[str, ...] | None = None
-    labels_source: str | None = None  # where ``labels`` came from, in words
-    name: str | None = None  # the artifacts' (and Triton models') name; None: from weights
-    calibration: Path = Path("calibration")
-    eval_images: Path | None = None
-    providers: tuple[str, ...] = ("cpu",)
-    target: Target = "cpu"
-    method: Method = "minmax"
-    num_samples: int = 256
-    exporter: Exporter = "dynamo"
-    dynamic_batch: bool = True
-    parity_limit: int | None = 200
-    bench_batch_sizes: tuple[int, ...] = (1,)
-    bench_iterations: int = 30
-    bench_warmup: int = 5
-    triton: TritonOptions | None = None
-    force: bool = False
-    seed: int = 0
-    gate: ToleranceOverrides = ToleranceOverrides(precisions=("int8",))  # INT8 floors
-
-    @property
-    def gpu(self) -> bool:
-        return any(p in GPU_PROVIDERS for p in self.providers)
-
-    @property
-    def model_name(self) -> str:
-        """``ft.pth`` -> ``ft``: what the artifacts and Triton models are called."""
-        if self.name:
-            return self.name
-        if self.weights in ("random", "imagenet"):
-            return DEFAULT_NAME
-        return re.sub(r"[^A-Za-z0-9_-]+", "_", Path(self.weights).stem).strip("_") \
-            or DEFAULT_NAME
-
-    def file(self, precision: str) -> str:
-        """The model file of each precision: ``ft.onnx``, ``ft.int8.onnx``, ``ft.fp16.onnx``."""
-        return f"{self.model_name}{'' if precision == 'fp32' else '.' + precision}.onnx"
-
-    @property
-    def precisions(self) -> list[str]:
-        """The models this run makes: FP32 and INT8, and FP16 for a GPU provider."""
-        return ["fp32", "int8"] + (["fp16"] if self.gpu else [])
-
-
-class Run:
-    """The state one pipeline run shares between steps: paths, hashes, the torch model."""
-
-    def __init__(self, output: Path, options: PipelineOptions) -> None:
-        self.out = output
-        self.options = options
-        self.records: dict[str, StepRecord] = {}
-        self.hashes = Hashes()
-        self._torch: Any = None
-
-    def model_path(self, precision: str) -> Path:
-        return self.out / self.options.file(precision)
-
-    def model_paths(self) -> list[Path]:
-        return [self.model_path(p) for p in self.options.precisions]
-
-    def artifact(self, name: str, step: str) -> dict[str, Any]:
-        path = self.out / name
-        if not path.is_file():
-            raise UserError(f"{path}: missing although step {step} finished; rerun with --force")
-        return {"kind": "artifact", "path": name, "step": step, "sha256": self.hashes.file(path)}
-
-    def model_input(self, precision: str) -> dict[str, Any]:
-        return self.artifact(self.options.file(precision), PRODUCERS[precision])
-
-    def models_input(self) -> dict[str, Any]:
-        return {self.options.file(p): self.model_input(p) for p in self.options.precisions}
-
-    def weights_input(self) -> dict[str, Any]:
-        weights = self.options.weights
-        if weights in ("random", "imagenet"):
-            return {"kind": "value", "value": weights}
-        return self.hashes.file_input(Path(weights))
-
-    def step_input(self, step: str) -> dict[str, Any]:
-        return {"kind": "step", "step": step, "sha256": self.records[step].digest()}
-
-    def images(self) -> Path:
-        """Parity's photos: the labelled set when given (calibration never saw it)."""
-        return self.options.eval_images or self.options.calibration
-
-    def torch_model(self, plan: ExportPlan) -> tuple[Any, Any]:
-        """The PyTorch model the export plan names (built once per run)."""
-        if self._torch is None:
-            from ..weights.checkpoints import load_model
-
-            self._torch = load_model(self.options.weights, num_classes=plan.num_classes,
-                                     seed=plan.seed)
-        return self._torch
 
 
 # --- the plans: what each step hands to the library ------------------------------------------
@@ -181,7 +72,7 @@ def export_plan(run: Run) -> ExportPlan:
 def _export(run: Run, plan: ExportPlan) -> Outcome:
     from ..convert.export import export
 
-    model, loaded = run.torch_model(plan)
+    model, loaded = run.torch_model(plan.num_classes, plan.seed)
     result = export(model, loaded, plan.spec, run.out / plan.output,
                     labels=list(plan.labels) if plan.labels else None,
                     labels_source=plan.labels_source,
@@ -278,7 +169,8 @@ def _parity(run: Run, plan: ParityPlan) -> Outcome:
     inputs = make_inputs(model_spec(files, None), images=run.images(), random_count=None,
                          limit=plan.limit, seed=plan.seed)
     report, _ = run_parity(files, inputs=inputs,
-                           weights_model=run.torch_model(export_plan(run))[0],
+                           weights_model=run.torch_model(run.options.num_classes,
+                                                         run.options.seed)[0],
                            options=plan.options)
     path = run.out / "parity.json"
     write_json(path, {"machine": machine_info(), **report.to_dict()})

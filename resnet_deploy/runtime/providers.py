@@ -97,7 +97,7 @@ def _provider_chain(full: str, cfg: SessionConfig) -> list[Any]:
             Path(trt["trt_engine_cache_path"]).mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise UserError(f"{trt['trt_engine_cache_path']}: cannot hold TensorRT's engine "
-                            f"cache ({exc.strerror}); pass --trt-cache DIR") from None
+                            f"cache ({exc.strerror}); pass `trt_cache_dir` DIR") from None
         return [(full, trt), (PROVIDERS["cuda"], {}), cpu]
     return [cpu]
 

@@ -205,7 +205,7 @@ class _Binding:
                 self.values[out.name] = value  # kept alive: the binding holds its address
             elif fixed:
                 raise UserError(f"output {out.name!r} has shape {out.shape}; a CUDA graph needs "
-                                "outputs of known shape; run without --cuda-graph")
+                                "outputs of known shape; run without `cuda_graph`")
             else:
                 self.binding.bind_output(out.name, device, 0)
         self.names = [o.name for o in session.get_outputs()]

@@ -68,7 +68,7 @@ def package_triton(models: Sequence[str | Path], output: str | Path, *,
     """
     output = Path(output)
     if not models:
-        raise UserError("no model given; pass --model PATH (repeatable)")
+        raise UserError("no model given; pass `models` PATH (repeatable)")
     names = [repository_name(m) for m in models]
     clash = next((n for n in names if names.count(n) > 1), None)
     if clash is not None:
@@ -182,9 +182,9 @@ def _check_loadable(path: Path, copy: Path, proto: onnx.ModelProto) -> None:
 
 def _fix_hint(problem: str) -> str:
     if "needs the TensorRT accelerator" in problem:
-        return "; add --tensorrt int8, or serve it with --device cpu"
+        return "; add `tensorrt` int8, or serve it with `device` cpu"
     if "TensorRT takes only symmetric" in problem:
-        return "; re-quantize with --target tensorrt, or serve it with --device cpu"
+        return "; re-quantize with `target` tensorrt, or serve it with `device` cpu"
     return ""
 
 

@@ -72,19 +72,19 @@ class TritonOptions:
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
-            raise UserError(f"--device {self.device!r}: choose from {', '.join(DEVICES)}")
+            raise UserError(f"`device` {self.device!r}: choose from {', '.join(DEVICES)}")
         if self.tensorrt is not None and self.tensorrt not in TRT_PRECISIONS:
-            raise UserError(f"--tensorrt {self.tensorrt!r}: choose from "
+            raise UserError(f"`tensorrt` {self.tensorrt!r}: choose from "
                             f"{', '.join(TRT_PRECISIONS)}")
         if self.tensorrt is not None and self.device != "gpu":
-            raise UserError("--tensorrt is a GPU accelerator; add --device gpu or drop it")
+            raise UserError("`tensorrt` is a GPU accelerator; add `device` gpu or drop it")
         if self.max_batch_size < 1 or self.instance_count < 1 or self.max_queue_delay_us < 0:
-            raise UserError("--max-batch-size and --instances take positive integers, "
-                            "--queue-delay-us a non-negative one")
+            raise UserError("`max_batch_size` and `instance_count` take positive integers, "
+                            "`max_queue_delay_us` a non-negative one")
         sizes = self.preferred_batch_sizes or ()
         if any(not 1 <= size <= self.max_batch_size for size in sizes):
-            raise UserError(f"--preferred-batch-size {','.join(map(str, sizes))}: each must be "
-                            f"between 1 and --max-batch-size {self.max_batch_size}")
+            raise UserError(f"`preferred_batch_sizes` {','.join(map(str, sizes))}: each must be "
+                            f"between 1 and `max_batch_size` {self.max_batch_size}")
 
     def preferred(self) -> tuple[int, ...]:
         if self.preferred_batch_sizes:

@@ -201,7 +201,7 @@ def labels_beside(checkpoint: Path, num_classes: int) -> Labels:
         if len(names) == num_classes:
             return Labels(names, source)
         log.warning(f"{source}: lists {len(names)} classes but {checkpoint} has {num_classes}; "
-                   "ignoring them (pass --labels FILE to name the classes)")
+                   "ignoring them (pass `labels` FILE to name the classes)")
     return NO_LABELS
 
 

@@ -80,8 +80,8 @@ def load_model(weights: str = IMAGENET, *, num_classes: int | None = None,
                         f"{IMAGENET1K_V1.num_classes}; delete it so the published file is "
                         "downloaded again")
     if num_classes is not None and num_classes != inferred:
-        raise UserError(f"{path}: fc.weight has {inferred} classes but --num-classes is "
-                        f"{num_classes}; drop --num-classes or pass the matching checkpoint")
+        raise UserError(f"{path}: fc.weight has {inferred} classes but `num_classes` is "
+                        f"{num_classes}; drop `num_classes` or pass the matching checkpoint")
     model = resnet18(num_classes=inferred)
     check_state_dict(model, state, path)
     model.load_state_dict(state, strict=True)
@@ -114,8 +114,8 @@ def imagenet_checkpoint() -> Path:
                                        progress=True)
     except Exception as exc:  # URLError, timeouts, hash mismatch: all mean "not available"
         raise UserError(f"cannot get the ImageNet weights ({type(exc).__name__}: {exc}); "
-                        f"place {rec.filename} in {path.parent}, or pass --weights PATH "
-                        "or --weights random") from None
+                        f"place {rec.filename} in {path.parent}, or pass `weights` PATH "
+                        "or `weights` random") from None
     return path
 
 
@@ -167,7 +167,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 def _already_onnx(path: Path) -> UserError:
     return UserError(f"{path}: is already an ONNX model, not a PyTorch checkpoint; give it to "
                      "the commands that read models (quantize, parity, evaluate, bench, "
-                     "package --model PATH), or export from the .pth/.pt it came from")
+                     "package `models` PATH), or export from the .pth/.pt it came from")
 
 
 def _is_onnx(path: Path) -> bool:

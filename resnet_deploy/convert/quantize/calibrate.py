@@ -14,6 +14,7 @@ import numpy as np
 
 from ...artifact.model_file import ModelFile
 from ...core.errors import UserError
+from ...core.progress import Counter, Progress
 from ...data.folders import list_hash, warn_skipped
 from ...data.images import list_images, load_batch, seeded_subset
 from ...data.spec import PreprocessSpec
@@ -40,7 +41,7 @@ class ImageFolderReader:
 
     def __init__(self, paths: Sequence[Path], spec: PreprocessSpec, input_name: str, *,
                  root: Path, batch_size: int = DEFAULT_BATCH, fixed_batch: bool = False,
-                 strict: bool = False, progress: bool = False,
+                 strict: bool = False, progress: Progress | None = None,
                  held_out: Sequence[Path] = ()) -> None:
         if not paths:
             raise UserError(f"{root}: no images to calibrate with")
@@ -56,14 +57,14 @@ class ImageFolderReader:
         self.used: list[Path] = []
         self.skipped: list[Path] = []
         self._next = 0
-        self._bar: Any = None
+        self._counter: Counter | None = None
         self._warned = False
 
     @classmethod
     def for_model(cls, model: str | Path, folder: str | Path, *,
                   num_samples: int | None = DEFAULT_NUM_SAMPLES, seed: int = 0,
                   batch_size: int = DEFAULT_BATCH, strict: bool = False,
-                  progress: bool = False, spec: PreprocessSpec | None = None,
+                  progress: Progress | None = None, spec: PreprocessSpec | None = None,
                   file: ModelFile | None = None,
                   hold_out: bool = False) -> ImageFolderReader:
         """A reader preprocessing the way ``model``'s metadata says (``spec`` overrides).
@@ -81,7 +82,7 @@ class ImageFolderReader:
         everything = list_images(root)
         if not everything:
             raise UserError(f"{root}: no images (of any format Pillow reads) in this "
-                            "folder or below it; point --calibration at a folder of photos")
+                            "folder or below it; point `calibration` at a folder of photos")
         chosen = seeded_subset(everything, num_samples, seed)
         if hold_out and len(chosen) == len(everything):
             held = max(MIN_HELD_OUT, math.ceil(HELD_OUT_SHARE * len(everything)))
@@ -89,8 +90,8 @@ class ImageFolderReader:
                 raise UserError(
                     f"{root}: {len(everything)} images are too few both to calibrate and to "
                     f"check the INT8 model on {MIN_HELD_OUT} held-out ones; add photos (at "
-                    f"least {MIN_HELD_OUT + 1}), pass --eval-images DIR, or skip the check "
-                    "with --no-check")
+                    f"least {MIN_HELD_OUT + 1}), pass `eval_images` DIR, or skip the check "
+                    "with `check`")
             chosen = seeded_subset(everything, len(everything) - held, seed)
         chosen_set = set(chosen)
         return cls(chosen, spec, input_name, root=root, batch_size=fixed or batch_size,
@@ -98,18 +99,15 @@ class ImageFolderReader:
                    held_out=[p for p in everything if p not in chosen_set])
 
     def get_next(self) -> dict[str, np.ndarray] | None:
-        from tqdm import tqdm
-
-        if self._bar is None and self._next == 0:
-            self._bar = tqdm(total=len(self.paths), desc="calibrating", unit="img",
-                             disable=not self.progress, leave=False)
+        if self._counter is None:
+            self._counter = Counter(self.progress, "calibrating", len(self.paths), "images")
         while self._next < len(self.paths):
             chunk = self.paths[self._next:self._next + self.batch_size]
             self._next += len(chunk)
             batch, ok, bad = load_batch(chunk, self.spec, strict=self.strict)
             self.used += ok
             self.skipped += bad
-            self._bar.update(len(chunk))
+            self._counter.update(len(chunk))
             if not ok:
                 continue
             if self.fixed_batch:
@@ -119,12 +117,9 @@ class ImageFolderReader:
         return None
 
     def _finish(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
         if not self.used:
             raise UserError(f"{self.root}: none of the {len(self.paths)} images could be read; "
-                            "point --calibration at a folder of valid photos")
+                            "point `calibration` at a folder of valid photos")
         if not self._warned:
             self._warned = True
             warn_skipped(self.skipped, len(self.paths), "calibration images")

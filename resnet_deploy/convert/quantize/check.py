@@ -18,6 +18,7 @@ from ...core.errors import UserError
 from ...core.files import file_sha256
 from ...core.machine import cpu_info, saturates
 from ...core.metrics import CheckResult, compare, hits, round_sig
+from ...core.progress import Counter, Progress
 from ...data.folders import LabelledImages, labelled_images, read_images
 from ...data.images import list_images, seeded_subset
 from ...data.spec import PreprocessSpec
@@ -67,16 +68,38 @@ class _EvalSet:
     note: str | None = None  # calibration photos among them, in words
 
 
-def _eval_set(reader: ImageFolderReader, spec: PreprocessSpec, options: QuantizeOptions,
-              file: ModelFile) -> _EvalSet:
+@dataclass(frozen=True)
+class Candidate:
+    """The INT8 model the gate checks, and what it was made from: the FP32 model (its
+    path and opened file), the spec, settings and options, the prepared graph, the ranges,
+    the reader that calibrated (its held-out photos), and where progress goes."""
+
+    model: Path
+    file: ModelFile
+    spec: PreprocessSpec
+    settings: QuantSettings
+    options: QuantizeOptions
+    prepared: Prepared
+    cache: Path
+    int8: Path
+    reader: ImageFolderReader
+    progress: Progress | None = None
+
+    @property
+    def output(self) -> str:
+        return self.file.io.output_name
+
+
+def _eval_set(job: Candidate) -> _EvalSet:
     """The held-out images: --eval-images, else calibration photos calibration did not use.
 
     An --eval-images ImageFolder gives top-1 only when its folders map to the model's
     classes; otherwise --max-top1-drop is an error, and a plain check uses the photos alone.
     Photos that calibration also used (same content) are counted and warned about.
     """
+    options, reader, spec = job.options, job.reader, job.spec
     labelled: LabelledImages | None = None
-    labels, classes = (file.meta.labels if file.meta else None), file.io.classes
+    labels, classes = (job.file.meta.labels if job.file.meta else None), job.file.io.classes
     if options.eval_images is not None:
         try:
             labelled = labelled_images(options.eval_images)
@@ -95,7 +118,7 @@ def _eval_set(reader: ImageFolderReader, spec: PreprocessSpec, options: Quantize
     else:
         paths, source = reader.held_out, f"{reader.root} (held out from calibration)"
     inputs, used = read_images(_bounded(paths, spec, options.seed), spec,
-                               strict=options.strict, progress=options.progress,
+                               strict=options.strict, progress=job.progress,
                                what="held-out images")
     targets = labelled.targets(used, labels, classes)[0] if labelled is not None else None
     note = None
@@ -122,7 +145,7 @@ def _run(model: Path, inputs: np.ndarray, batch_size: int, *, output: str | None
 
 def sensitivity(pre: Path, cache: Path, settings: QuantSettings, candidates: Sequence[str],
                 inputs: np.ndarray, reference: np.ndarray, workdir: Path, *,
-                batch_size: int = DEFAULT_BATCH, progress: bool = False,
+                batch_size: int = DEFAULT_BATCH, progress: Progress | None = None,
                 op_types: dict[str, str] | None = None, simulate: bool = False,
                 output: str | None = None) -> list[dict[str, Any]]:
     """Per-node sensitivity: the output error when only that node is quantized.
@@ -131,12 +154,11 @@ def sensitivity(pre: Path, cache: Path, settings: QuantSettings, candidates: Seq
     cores) and, unlike leave-one-out, does not depend on the order nodes are removed in.
     Sorted most sensitive first.
     """
-    from tqdm import tqdm
-
-    rows = []
+    rows: list[dict[str, Any]] = []
     path = workdir / "single.onnx"
-    for node in tqdm(candidates, desc="sensitivity", unit="node", disable=not progress,
-                     leave=False):
+    counter = Counter(progress, "sensitivity", len(candidates), "layers")
+    for node in candidates:
+        counter.update(1)
         quantize_with_ranges(pre, cache, path, settings, only=[node])
         cmp = compare(reference, _run(path, inputs, batch_size, simulate=simulate,
                                       output=output))
@@ -171,13 +193,12 @@ class FallbackOutcome:
                 "max_top1_drop_pt": max_drop}
 
 
-def keep_sensitive_in_fp32(pre: Path, cache: Path, int8: Path, settings: QuantSettings,
-                           options: QuantizeOptions, op_types: dict[str, str],
-                           inputs: np.ndarray, targets: np.ndarray,
-                           reference: np.ndarray, *, simulate: bool = False,
-                           output: str | None = None) -> FallbackOutcome:
-    """Measure INT8 top-1 on labelled images; while it misses --max-top1-drop, re-quantize
-    ``int8`` with the next most sensitive node kept in FP32, up to --max-fallback nodes."""
+def keep_sensitive_in_fp32(job: Candidate, inputs: np.ndarray, targets: np.ndarray,
+                           reference: np.ndarray, *, simulate: bool = False) -> FallbackOutcome:
+    """Measure INT8 top-1 on labelled images; while it misses `max_top1_drop`, re-quantize
+    the candidate with the next most sensitive node kept in FP32, up to `max_fallback`."""
+    options, output = job.options, job.output
+    pre, cache, int8, settings = job.prepared.path, job.cache, job.int8, job.settings
     fp32_top1, _ = _accuracy(reference, targets)
 
     def measure(nodes: tuple[str, ...]) -> tuple[FallbackStep, np.ndarray]:
@@ -191,11 +212,12 @@ def keep_sensitive_in_fp32(pre: Path, cache: Path, int8: Path, settings: QuantSe
     met = None if limit is None else step.drop_pt <= limit
     if limit is None or met or options.max_fallback <= 0:
         return FallbackOutcome(steps=tuple(steps), met=met, logits=logits)
+    op_types = job.prepared.op_types
     candidates = [n for n, t in op_types.items() if t in SENSITIVE_OPS and n not in options.exclude]
     chosen = seeded_subset(list(range(len(inputs))), SENSITIVITY_SAMPLES, options.seed)
     table = sensitivity(pre, cache, settings, candidates, inputs[chosen],
                         reference[chosen], int8.parent, batch_size=options.batch_size,
-                        progress=options.progress, op_types=op_types, simulate=simulate,
+                        progress=job.progress, op_types=op_types, simulate=simulate,
                         output=output)
     nodes: tuple[str, ...] = ()
     for row in table[:options.max_fallback]:
@@ -243,29 +265,26 @@ class Gate:
 FEW_PHOTOS = 100
 
 
-def check_against_fp32(model: Path, file: ModelFile, prepared: Prepared, cache: Path, int8: Path,
-           reader: ImageFolderReader, spec: PreprocessSpec, settings: QuantSettings,
-           options: QuantizeOptions) -> Gate:
+def check_against_fp32(job: Candidate) -> Gate:
     """FP32 vs INT8 on held-out photos, judged by INT8's tolerance (with the overrides);
-    with labels and --max-top1-drop, the accuracy-aware fallback."""
-    cpu_note = simulated_check(settings)
+    with labels and `max_top1_drop`, the accuracy-aware fallback."""
+    options = job.options
+    cpu_note = simulated_check(job.settings)
     simulate = cpu_note is not None
-    evalset = _eval_set(reader, spec, options, file)
+    evalset = _eval_set(job)
     notes = [n for n in (cpu_note, evalset.note) if n]
     held_out = len(evalset.inputs)
     if held_out < FEW_PHOTOS:
         notes.append(f"the verdict rests on few photos: {held_out} held out (under "
                      f"{FEW_PHOTOS}), so one disagreement moves top-1 agreement by "
                      f"{100 / held_out:.2f} points; check on more photos for a firmer one")
-    output = file.io.output_name
-    reference = _run(model, evalset.inputs, options.batch_size, output=output)
-    logits = _run(int8, evalset.inputs, options.batch_size, output=output, simulate=simulate,
-                  shown_as=model)
+    reference = _run(job.model, evalset.inputs, options.batch_size, output=job.output)
+    logits = _run(job.int8, evalset.inputs, options.batch_size, output=job.output,
+                  simulate=simulate, shown_as=job.model)
     fallback, accuracy = FallbackOutcome(), None
     if evalset.targets is not None:
-        fallback = keep_sensitive_in_fp32(prepared.path, cache, int8, settings, options,
-                                          prepared.op_types, evalset.inputs, evalset.targets,
-                                          reference, simulate=simulate, output=output)
+        fallback = keep_sensitive_in_fp32(job, evalset.inputs, evalset.targets, reference,
+                                          simulate=simulate)
         assert fallback.logits is not None  # it measured at least the plain model
         logits = fallback.logits
         accuracy = fallback.accuracy(reference, evalset.targets, options.max_top1_drop)

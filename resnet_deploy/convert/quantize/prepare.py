@@ -116,6 +116,6 @@ def prepare(model: Path, file: ModelFile, options: QuantizeOptions, workdir: Pat
     excluded, unknown = layers.resolve(options.exclude, op_types, names)
     if unknown:
         convs = [n for n, t in op_types.items() if t in SENSITIVE_OPS]
-        raise UserError(f"--exclude {unknown[0]}: no such node or PyTorch module in {model}; "
+        raise UserError(f"`exclude` {unknown[0]}: no such node or PyTorch module in {model}; "
                         + layers.closest(unknown[0], convs, names, "Conv/Gemm layers"))
     return Prepared(pre, op_types, names), tuple(excluded)

@@ -17,9 +17,10 @@ from ...core.errors import CheckFailed, UserError
 from ...core.files import atomic_output, beside, file_sha256
 from ...core.machine import cpu_info
 from ...core.metrics import CheckResult, round_sig
+from ...core.progress import Progress
 from ...data.spec import PreprocessSpec
 from .calibrate import ImageFolderReader, calibrate, quantize_with_ranges
-from .check import FEW_PHOTOS, FallbackStep, Gate, check_against_fp32
+from .check import FEW_PHOTOS, Candidate, FallbackStep, Gate, check_against_fp32
 from .prepare import prepare
 from .recipe import QuantizeOptions, QuantSettings
 
@@ -112,9 +113,9 @@ def _refuse_if_failed(result: QuantizeResult, options: QuantizeOptions) -> None:
     check, output = result.check, result.output
     if result.target_met is False:
         raise CheckFailed(
-            f"INT8 top-1 drops {result.steps[-1].drop_pt:.2f} pt (> --max-top1-drop "
+            f"INT8 top-1 drops {result.steps[-1].drop_pt:.2f} pt (> `max_top1_drop` "
             f"{options.max_top1_drop:g}) with {len(result.fallback_nodes)} node(s) kept in "
-            f"FP32 (--max-fallback {options.max_fallback}); {output} was not written",
+            f"FP32 (`max_fallback` {options.max_fallback}); {output} was not written",
             report=result)
     if check is not None and not check:
         n = check.comparison.n
@@ -126,7 +127,8 @@ def _refuse_if_failed(result: QuantizeResult, options: QuantizeOptions) -> None:
 
 
 def quantize(model: str | Path, calibration: str | Path, output: str | Path | None = None, *,
-             options: QuantizeOptions = QuantizeOptions()) -> QuantizeResult:
+             options: QuantizeOptions = QuantizeOptions(),
+             progress: Progress | None = None) -> QuantizeResult:
     """Quantize ``model`` to a QDQ INT8 file and check it against FP32 on held-out images.
 
     Four phases: prepare the graph, calibrate and quantize, check against FP32, publish.
@@ -156,7 +158,7 @@ def quantize(model: str | Path, calibration: str | Path, output: str | Path | No
         options = dataclasses.replace(options, exclude=excluded)
         reader = ImageFolderReader.for_model(
             model, calibration, num_samples=options.num_samples, seed=options.seed,
-            batch_size=options.batch_size, strict=options.strict, progress=options.progress,
+            batch_size=options.batch_size, strict=options.strict, progress=progress,
             spec=spec, file=file, hold_out=options.check and options.eval_images is None)
         ranges = calibrate(prepared.path, reader, settings, workdir)
         seconds["calibrate"] = time.perf_counter() - start
@@ -172,8 +174,8 @@ def quantize(model: str | Path, calibration: str | Path, output: str | Path | No
         gate = Gate()
         if options.check:
             start = time.perf_counter()
-            gate = check_against_fp32(model, file, prepared, cache, int8, reader, spec, settings,
-                                      options)
+            gate = check_against_fp32(Candidate(model, file, spec, settings, options, prepared,
+                                                cache, int8, reader, progress))
             seconds["check"] = time.perf_counter() - start
 
         quantized = onnx.load(str(int8))
@@ -193,7 +195,7 @@ def quantize(model: str | Path, calibration: str | Path, output: str | Path | No
             fp32_bytes=model.stat().st_size, int8_bytes=out_tmp.stat().st_size,
             check=gate.check,
             check_note="" if options.check else
-            "skipped (--no-check): the INT8 model was not compared with FP32",
+            "skipped (`check`): the INT8 model was not compared with FP32",
             held_out=gate.held_out, notes=gate.notes, accuracy=gate.accuracy,
             sensitivity=tuple({**row, "module": prepared.names.get(row["node"])}
                               for row in gate.fallback.table),

@@ -98,7 +98,6 @@ class QuantizeOptions:
     strict: bool = False
     seed: int = 0
     batch_size: int = DEFAULT_BATCH
-    progress: bool = False
     spec: PreprocessSpec | None = None
     calibrator_options: dict[str, Any] | None = None
     check: bool = True
@@ -106,18 +105,18 @@ class QuantizeOptions:
     output_name: str | None = None  # the output to check, in models with several
 
     def __post_init__(self) -> None:
-        for name, value, choices in (("--method", self.method, METHODS),
-                                     ("--target", self.target, TARGETS),
-                                     ("--activation-type", self.activation_type, QUANT_TYPES),
-                                     ("--weight-type", self.weight_type, QUANT_TYPES)):
+        for name, value, choices in (("`method`", self.method, METHODS),
+                                     ("`target`", self.target, TARGETS),
+                                     ("`activation_type`", self.activation_type, QUANT_TYPES),
+                                     ("`weight_type`", self.weight_type, QUANT_TYPES)):
             if value is not None and value not in choices:
                 raise UserError(f"{name} {value!r}: choose from {', '.join(choices)}")
         if self.max_top1_drop is not None and self.eval_images is None:
-            raise UserError("--max-top1-drop needs --eval-images DIR, a labelled ImageFolder "
+            raise UserError("`max_top1_drop` needs `eval_images` DIR, a labelled ImageFolder "
                             "(one subfolder per class) to measure top-1 on")
         if not self.check and (self.max_top1_drop is not None or self.eval_images is not None):
-            raise UserError("--no-check skips the check that --eval-images and "
-                            "--max-top1-drop feed; drop one or the other")
+            raise UserError("`check` skips the check that `eval_images` and "
+                            "`max_top1_drop` feed; drop one or the other")
 
     def settings(self) -> QuantSettings:
         """Resolve the target's defaults against explicit choices."""
