@@ -238,7 +238,7 @@ def test_the_random_banner_and_a_busy_machine_reach_the_report(
     assert result.exit_code == 0, result.output
     report = (out / "report.md").read_text()
     assert "RANDOM WEIGHTS" in report and "machine busy: compare ratios only (test)" in report
-    assert "Weights: random init (seed 0) - NOT a trained model" in report
+    assert "Weights: resnet18 random init (seed 0) - NOT a trained model" in report
     assert "warning: machine busy: compare ratios only (test)" in result.stderr
 
 

@@ -78,10 +78,10 @@ def test_refuses_to_overwrite_its_input(random_onnx: Path) -> None:
 
 def test_failed_check_leaves_no_file(random_onnx: Path, tmp_path: Path,
                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    from resnet_deploy.convert import fp16 as fp16_module
+    from resnet_deploy.core import metrics
     from resnet_deploy.core.metrics import Tolerance
 
-    monkeypatch.setitem(fp16_module.TOLERANCES, "fp16", Tolerance(min_cosine=1.5))
+    monkeypatch.setitem(metrics.TOLERANCES, "fp16", Tolerance(min_cosine=1.5))
     out = tmp_path / "bad.fp16.onnx"
     with pytest.raises(CheckFailed, match="was not written"):
         convert_fp16(random_onnx, out)

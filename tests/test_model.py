@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from resnet_deploy.core.errors import UserError
-from resnet_deploy.weights.checkpoints import load_model, resnet18
+from resnet_deploy.weights.checkpoints import load_model
+from resnet_deploy.weights.resnet import resnet18
 
 KEYS_FILE = Path(__file__).parent / "data" / "torchvision_resnet18_keys.txt"
 
@@ -137,17 +138,19 @@ def test_imagenet_weights_come_from_the_hub_cache(tmp_path: Path,
     """The cache-hit path: hash prefix checked, 1000 ImageNet labels attached."""
     import dataclasses
 
-    import resnet_deploy.weights.checkpoints as model_module
     from resnet_deploy.core.files import file_sha256
-    from resnet_deploy.weights.published import IMAGENET1K_V1
+    from resnet_deploy.weights import arch
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    cached = tmp_path / "torch" / "hub" / "checkpoints" / IMAGENET1K_V1.filename
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / "stand-in.pth"
     cached.parent.mkdir(parents=True)
     reference, _ = load_model("random", num_classes=1000, seed=5)
     torch.save(reference.state_dict(), cached)
-    record = dataclasses.replace(IMAGENET1K_V1, sha256_prefix=file_sha256(cached)[:8])
-    monkeypatch.setattr(model_module, "IMAGENET1K_V1", record)
+    named = cached.with_name(f"resnet18-{file_sha256(cached)[:8]}.pth")  # as torch.hub names it
+    cached.rename(named)
+    record = dataclasses.replace(arch.ARCHITECTURES["resnet18"],
+                                 weights_url=f"https://example.invalid/{named.name}")
+    monkeypatch.setitem(arch.ARCHITECTURES, "resnet18", record)
     model, info = load_model("imagenet")
     assert info.source == "imagenet" and not info.is_random
     assert info.labels is not None and len(info.labels) == 1000 and info.labels[0] == "tench"

@@ -253,6 +253,8 @@ def test_outputs_that_would_change_the_inputs_are_exit_2(inputs: dict[str, Path]
 # tested elsewhere: weights, calibration, eval_images, providers.
 DIRECT = {
     "num_classes": {"export"}, "spec": {"export"}, "spec_sources": {"export"},
+    # random weights are named after their architecture: a new one renames every model
+    "arch": {"export", "quantize", "fp16", "triton"},
     "labels": {"export"}, "labels_source": {"export"}, "exporter": {"export"},
     "dynamic_batch": {"export"}, "name": {"export", "quantize", "fp16", "triton"},
     "method": {"quantize"}, "num_samples": {"quantize"}, "target": {"quantize"},
@@ -260,14 +262,14 @@ DIRECT = {
     "bench_batch_sizes": {"bench"}, "bench_iterations": {"bench"}, "bench_warmup": {"bench"},
     "triton": {"triton"}, "seed": {"export", "quantize", "fp16", "parity", "evaluate", "bench"},
 }
-NOT_PLANNED = {"weights", "calibration", "eval_images", "providers", "force"}
+NOT_PLANNED = {"weights", "calibration", "eval_images", "providers", "force", "features"}
 DOWNSTREAM = {"export": {"quantize", "fp16", "parity", "evaluate", "bench", "report", "triton"},
               "quantize": {"parity", "evaluate", "bench", "report", "triton"},
               "fp16": {"parity", "evaluate", "bench", "report", "triton"},
               "parity": {"report"}, "evaluate": {"report"}, "bench": {"report"},
               "report": set(), "triton": set()}
 CHANGED = {
-    "num_classes": 12, "spec": PreprocessSpec.create(40),
+    "num_classes": 12, "spec": PreprocessSpec.create(40), "arch": "resnet34",
     "spec_sources": {"input_size": "given"}, "labels": tuple(f"k{i}" for i in range(10)),
     "labels_source": "other.txt", "exporter": "dynamo", "dynamic_batch": False,
     "name": "renamed", "method": "percentile", "num_samples": 9, "target": "cpu-vnni",

@@ -174,6 +174,16 @@ class ModelFile:
         return spec
 
     @property
+    def kind(self) -> str:
+        """``logits`` (class scores) or ``features`` (an embedding), as export recorded it."""
+        return (self.meta.output or {}).get("kind", "logits") if self.meta else "logits"
+
+    @property
+    def arch(self) -> str | None:
+        """The ResNet it was exported from (None for a model made elsewhere)."""
+        return self.meta.weights.get("arch") if self.meta else None
+
+    @property
     def target(self) -> str | None:
         """The quantize target recorded in the metadata (None for FP32 or foreign models)."""
         quantization = self.meta.quantization if self.meta else None

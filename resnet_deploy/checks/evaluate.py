@@ -118,6 +118,10 @@ def evaluate(models: Sequence[str | Path], images: str | Path, *,
     entries = []
     for model in models:
         file = ModelFile.read(model, options.output_name)
+        if file.kind == "features":
+            raise UserError(f"{file.path}: gives an embedding ({file.io.classes}-d features), "
+                            "not class scores, so it has no accuracy to measure; evaluate the "
+                            "classifier it was exported from", path=file.path)
         file.warn_if_wrong_cpu(options.provider)
         untrained = file.meta is not None and file.meta.weights.get("source") == "random"
         if untrained:

@@ -42,6 +42,8 @@ class BackendResult:
     precision: str
     check: CheckResult | None = None
     skipped: str | None = None
+    kind: str = "logits"  # what the output is: class scores, or an embedding (no top-1)
+    arch: str | None = None
 
     @property
     def passed(self) -> bool | None:
@@ -251,7 +253,7 @@ def _judge(row: BackendResult, reference: np.ndarray, outputs: np.ndarray,
                         f"has {reference.shape}; the weights and the model disagree on classes")
     precision = max(row.precision, reference_precision, key=PRECISIONS.index)
     check = CheckResult.judge(f"{row.backend} vs the reference", reference, outputs,
-                              overrides.for_precision(precision))
+                              overrides.for_precision(precision, row.kind))
     return dataclasses.replace(row, check=check)
 
 
@@ -331,7 +333,9 @@ def _candidates(models: Sequence[ModelFile], weights_model: Any | None, options:
     reported as skipped when the options allow it, else an error."""
     planned: list[tuple[BackendResult, Runner]] = []
     if weights_model is not None:
-        planned += [(BackendResult(f"torch@{device}", None, f"torch-{device}", "fp32"),
+        kind = models[0].kind if models else "logits"
+        planned += [(BackendResult(f"torch@{device}", None, f"torch-{device}", "fp32",
+                                   kind=kind),
                      TorchRunner(weights_model, device))
                     for device in torch_devices() if f"torch@{device}" not in ran]
     for model_file in models:
@@ -340,7 +344,8 @@ def _candidates(models: Sequence[ModelFile], weights_model: Any | None, options:
             if name not in ran:
                 model_file.warn_if_wrong_cpu(provider)
                 planned.append((BackendResult(name, str(model_file.path), provider,
-                                              model_file.precision),
+                                              model_file.precision, kind=model_file.kind,
+                                              arch=model_file.arch),
                                 OrtRunner(model_file, provider)))
     active = []
     for row, runner in planned:
@@ -378,8 +383,8 @@ def compare_backends(models: Sequence[str | Path], *, weights: str | None = None
     """What ``resnet-deploy parity`` does: open the models, build the reference and the
     inputs, compare, and save golden outputs when asked. ``spec`` overrides the models'
     own preprocessing; a random ``weights`` init is rebuilt exactly as the first model's."""
+    from ..weights.card import IMAGENET_DEFAULTS
     from ..weights.checkpoints import load_for
-    from ..weights.published import IMAGENET1K_V1
 
     if images is not None and random_count is not None:
         raise UserError("give either `images` or `random_count`, not both")
@@ -393,10 +398,12 @@ def compare_backends(models: Sequence[str | Path], *, weights: str | None = None
     weights_model, untrained = None, False
     if weights is not None:
         recorded = files[0].meta.weights if files and files[0].meta else None
-        weights_model, loaded, _ = load_for(recorded if weights == "random" else None, weights)
+        # The recorded architecture and head: parity with --weights imagenet against a
+        # ResNet-50 export builds a ResNet-50.
+        weights_model, loaded, _ = load_for(recorded, weights)
         untrained = loaded.is_random
-        spec = spec or PreprocessSpec.create(IMAGENET1K_V1.input_size,
-                                             IMAGENET1K_V1.resize_size)
+        spec = spec or PreprocessSpec.create(IMAGENET_DEFAULTS["input_size"],
+                                             IMAGENET_DEFAULTS["resize_size"])
     if spec is None:
         raise UserError("no preprocessing known: pass `input_size` (and `resize_size`, "
                         "`mean`, `std`)")

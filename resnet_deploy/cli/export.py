@@ -10,9 +10,9 @@ import click
 from ..core.choices import DEFAULT_OPSET, EXPORTERS, OPSETS, SIMPLIFIERS, Exporter, Simplifier
 from ..core.files import check_outputs
 from .app import main
-from .options import (DEFAULT_IMAGES, DEFAULT_MODEL, SEED, FilePath, describe_machine,
-                      describe_preprocessing, emit, json_option, random_banner, read_labels,
-                      show_result, source_options, source_preprocessing, warn_if_guessed)
+from .options import (DEFAULT_IMAGES, DEFAULT_MODEL, SEED, FilePath, describe_machine, emit,
+                      json_option, random_banner, read_labels, show_result)
+from .source import describe_preprocessing, source_options, source_preprocessing, warn_if_guessed
 
 if TYPE_CHECKING:
     from ..convert.export import ExportResult
@@ -37,11 +37,17 @@ if TYPE_CHECKING:
 @click.option("-o", "--output", type=FilePath(),
               default=DEFAULT_MODEL, show_default=True)
 @json_option
-def export(weights: str, num_classes: int | None, input_size: int | None,
-           resize_size: int | None, mean: Any, std: Any, labels: Path | None, exporter: Exporter,
-           opset: int, dynamic_batch: bool, simplify: Simplifier, parity_images: Path, seed: int,
-           output: Path, json_path: Path | None) -> None:
-    """Export ResNet-18 to a single verified ONNX file.
+def export(weights: str, arch: str | None, features: bool, num_classes: int | None,
+           input_size: int | None, resize_size: int | None, mean: Any, std: Any,
+           labels: Path | None, exporter: Exporter, opset: int, dynamic_batch: bool,
+           simplify: Simplifier, parity_images: Path, seed: int, output: Path,
+           json_path: Path | None) -> None:
+    """Export a torchvision ResNet to a single verified ONNX file.
+
+    Any of the ten (resnet18/34/50/101/152, resnext50_32x4d, resnext101_32x8d,
+    resnext101_64x4d, wide_resnet50_2/101_2): the architecture is read from the
+    checkpoint's keys and shapes (--arch names it instead). --features exports the pooled
+    embedding before fc instead of the class scores.
 
     The preprocessing, labels and weight hash are stored in the model; the file is written
     only if ONNX Runtime's logits match PyTorch's (exit 1 otherwise).
@@ -61,8 +67,8 @@ def export(weights: str, num_classes: int | None, input_size: int | None,
     from ..convert.export import ExportOptions, export as run_export
     from ..weights.checkpoints import load_model
 
-    model, loaded = load_model(weights, num_classes=num_classes, seed=seed,
-                               find_labels=labels is None)
+    model, loaded = load_model(weights, arch=arch, num_classes=num_classes, seed=seed,
+                               find_labels=labels is None, features=features)
     random_banner(loaded.is_random)
     preprocessing = source_preprocessing(weights, input_size, resize_size, mean, std)
     warn_if_guessed(preprocessing, weights, loaded.num_classes)

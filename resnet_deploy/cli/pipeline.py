@@ -13,9 +13,9 @@ from ..core.files import check_outputs
 from .app import main
 from .options import (DEFAULT_IMAGES, INT8_GATE_FLAGS, SEED, FilePath, batch_sizes,
                       describe_machine, emit, int8_gate_options, json_option, provider_option,
-                      random_banner, read_labels, source_options, source_preprocessing,
-                      warn_if_guessed, write_json_if)
+                      random_banner, read_labels, write_json_if)
 from .package import triton_options
+from .source import source_options, source_preprocessing, warn_if_guessed
 
 if TYPE_CHECKING:
     from ..pipeline.engine import PipelineResult
@@ -54,7 +54,8 @@ if TYPE_CHECKING:
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path),
               default=Path("artifacts"), show_default=True, help="The output folder.")
 @json_option
-def pipeline(weights: str, num_classes: int | None, input_size: int | None,
+def pipeline(weights: str, arch: str | None, features: bool, num_classes: int | None,
+             input_size: int | None,
              resize_size: int | None, mean: Any, std: Any, labels: Path | None,
              calibration: Path, eval_images: Path | None, providers: tuple[str, ...],
              target: Target, method: Method, num_samples: int, exporter: Exporter,
@@ -95,7 +96,8 @@ def pipeline(weights: str, num_classes: int | None, input_size: int | None,
     preprocessing = source_preprocessing(weights, input_size, resize_size, mean, std)
     warn_if_guessed(preprocessing, weights)
     options = PipelineOptions(
-        weights=weights, num_classes=num_classes, spec=preprocessing.spec,
+        weights=weights, arch=arch, features=features, num_classes=num_classes,
+        spec=preprocessing.spec,
         spec_sources=preprocessing.sources, labels=tuple(read_labels(labels) or ()) or None,
         labels_source=f"{labels} (--labels)" if labels else None, name=valid_name(name),
         calibration=calibration, eval_images=eval_images, providers=providers, target=target,

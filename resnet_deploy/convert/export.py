@@ -25,7 +25,7 @@ from ..core.choices import DEFAULT_OPSET, EXPORTERS, SIMPLIFIERS, Exporter, Simp
 from ..core.errors import CheckFailed, UserError
 from ..core.files import atomic_output
 from ..core.machine import package_versions
-from ..core.metrics import TOLERANCES, CheckResult
+from ..core.metrics import CheckResult, tolerance
 from ..data.images import image_inputs, list_images, random_inputs
 from ..data.spec import PreprocessSpec
 from ..runtime.runners import OrtRunner, TorchRunner, run_batched
@@ -38,7 +38,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 INDUCTOR_CACHE = "TORCHINDUCTOR_CACHE_DIR"
 
-INPUT_NAME, OUTPUT_NAME = "input", "logits"
+INPUT_NAME = "input"
+# The output is named after its kind: class scores, or the pooled embedding before fc.
+OUTPUT_NAMES = {"logits": "logits", "features": "features"}
 # Keys of the metadata's ``extra`` record: where each preprocessing value and the labels
 # came from, in words (reports print them).
 SOURCES_KEY, LABELS_SOURCE_KEY = "preprocess_sources", "labels_source"
@@ -126,8 +128,10 @@ def _quiet_exporter() -> Iterator[None]:
 
 
 def torch_to_onnx(model: nn.Module, spec: PreprocessSpec, path: Path,
-                  options: ExportOptions) -> onnx.ModelProto:
-    """Run the chosen exporter and return the checked, shape-inferred graph."""
+                  options: ExportOptions, output: str = OUTPUT_NAMES["logits"],
+                  ) -> onnx.ModelProto:
+    """Run the chosen exporter and return the checked, shape-inferred graph, its output
+    named ``output``."""
     import onnx
     import torch
 
@@ -139,16 +143,16 @@ def torch_to_onnx(model: nn.Module, spec: PreprocessSpec, path: Path,
             if options.exporter == "dynamo":
                 shapes = ({0: torch.export.Dim.DYNAMIC},) if options.dynamic_batch else None
                 program = torch.onnx.export(model, (dummy,), dynamo=True,
-                                            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                            input_names=[INPUT_NAME], output_names=[output],
                                             dynamic_shapes=shapes, opset_version=options.opset,
                                             verbose=False)
                 if program is None:  # only the TorchScript path returns nothing
                     raise RuntimeError("torch.onnx.export(dynamo=True) returned no program")
                 program.save(str(path), external_data=False)
             else:
-                axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}
+                axes = {INPUT_NAME: {0: "batch"}, output: {0: "batch"}}
                 torch.onnx.export(model, (dummy,), str(path), dynamo=False,
-                                  input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                  input_names=[INPUT_NAME], output_names=[output],
                                   dynamic_axes=axes if options.dynamic_batch else None,
                                   opset_version=options.opset, do_constant_folding=True)
     except Exception as exc:
@@ -209,8 +213,9 @@ def parity_inputs(spec: PreprocessSpec, folder: Path | None, count: int,
 
 
 def check_parity(model: nn.Module, onnx_path: Path, inputs: np.ndarray, source: str,
-                 dynamic_batch: bool) -> dict[int, CheckResult]:
-    """PyTorch vs ORT CPU at batch 1 and, for a dynamic model, a larger batch."""
+                 dynamic_batch: bool, kind: str = "logits") -> dict[int, CheckResult]:
+    """PyTorch vs ORT CPU at batch 1 and, for a dynamic model, a larger batch, judged by
+    FP32's tolerance for an output of ``kind``."""
     with TorchRunner(model) as torch_runner:
         reference = torch_runner.infer(inputs)
     sizes = [1] + ([min(8, len(inputs))] if dynamic_batch and len(inputs) > 1 else [])
@@ -220,7 +225,8 @@ def check_parity(model: nn.Module, onnx_path: Path, inputs: np.ndarray, source: 
             usable = len(inputs) - len(inputs) % size
             outputs = run_batched(ort_runner, inputs[:usable], size)
             checks[size] = CheckResult.judge(f"PyTorch vs ORT CPU at batch {size} on {source}",
-                                             reference[:usable], outputs, TOLERANCES["fp32"])
+                                             reference[:usable], outputs,
+                                             tolerance("fp32", kind))
     return checks
 
 
@@ -250,17 +256,21 @@ def export(model: nn.Module, weights: LoadedWeights, spec: PreprocessSpec, outpu
 
     if labels is None:
         labels, labels_source = weights.labels, weights.labels_source
+    if weights.features and labels is not None:
+        raise UserError(f"{labels_source or 'the labels'}: a features model gives an "
+                        "embedding, not classes, so it takes no labels; drop `labels`")
     if labels is not None and len(labels) != weights.num_classes:
         fix = (f"give `num_classes` {len(labels)} for a random model, or a labels file "
                "with one line per class" if weights.is_random else
                "give a labels file with one line per class")
         raise UserError(f"{labels_source or 'the labels'}: {len(labels)} labels for a model "
                         f"with {weights.num_classes} classes; {fix}")
+    kind = "features" if weights.features else "logits"
     output = Path(output)
     seconds: dict[str, float] = {}
     with atomic_output(output) as tmp:
         start = time.perf_counter()
-        proto = torch_to_onnx(model, spec, tmp, options)
+        proto = torch_to_onnx(model, spec, tmp, options, OUTPUT_NAMES[kind])
         seconds["export"] = time.perf_counter() - start
         # Read before simplifying (which may edit the graph in place): the node count, what
         # each node outputs, and the exporter's scopes, which may not survive simplification.
@@ -282,9 +292,10 @@ def export(model: nn.Module, weights: LoadedWeights, spec: PreprocessSpec, outpu
             preprocess=spec, labels=labels,
             weights={"source": weights.source, "sha256": weights.sha256,
                      "random": weights.is_random, "seed": weights.seed,
-                     "num_classes": weights.num_classes},
+                     "num_classes": weights.num_classes, "arch": weights.arch,
+                     "features": weights.features},
             exporter=options.exporter, opset=opset, versions=package_versions(),
-            output={"name": OUTPUT_NAME, "kind": "logits"},
+            output={"name": OUTPUT_NAMES[kind], "kind": kind},
             extra={layers.METADATA_KEY: names,
                    SOURCES_KEY: dict(preprocess_sources or {}),
                    LABELS_SOURCE_KEY: labels_source}))
@@ -292,7 +303,7 @@ def export(model: nn.Module, weights: LoadedWeights, spec: PreprocessSpec, outpu
         start = time.perf_counter()
         inputs, source = parity_inputs(spec, options.parity_images, options.parity_samples,
                                        options.seed)
-        checks = check_parity(model, tmp, inputs, source, options.dynamic_batch)
+        checks = check_parity(model, tmp, inputs, source, options.dynamic_batch, kind)
         seconds["parity"] = time.perf_counter() - start
         result = ExportResult(
             output=str(output), exporter=options.exporter, opset=opset,
@@ -303,7 +314,9 @@ def export(model: nn.Module, weights: LoadedWeights, spec: PreprocessSpec, outpu
             constants_folded=constants_folded(outputs_before, proto),
             batchnorm_nodes=sum(n.op_type == "BatchNormalization" for n in proto.graph.node),
             labels_source=(f"{len(labels)} class names from {labels_source or 'the caller'}"
-                           if labels is not None else "none: outputs are class indices"),
+                           if labels is not None else
+                           "none: the output is the embedding (features)" if weights.features
+                           else "none: outputs are class indices"),
             layers=len(names), preprocess=spec.to_dict(),
             preprocess_sources=dict(preprocess_sources or {}), weights_sha256=weights.sha256)
         if not result.passed:

@@ -21,7 +21,7 @@ from ..artifact.metadata import load_onnx, write_metadata
 from ..artifact.model_file import ModelFile, model_precision
 from ..core.errors import CheckFailed, UserError
 from ..core.files import atomic_output, beside, file_sha256
-from ..core.metrics import TOLERANCES, CheckResult
+from ..core.metrics import CheckResult, tolerance
 from ..data.spec import PreprocessSpec
 from ..runtime.runners import run_model
 from .export import parity_inputs
@@ -167,7 +167,8 @@ def convert_fp16(model: str | Path, output: str | Path | None = None, *,
     with atomic_output(output) as tmp:
         onnx.save(half, str(tmp), save_as_external_data=False)
         start = time.perf_counter()
-        check, described = check_fp16(source, tmp, spec, options, output=file.io.output_name)
+        check, described = check_fp16(source, tmp, spec, options, output=file.io.output_name,
+                                      kind=file.kind)
         seconds["check"] = time.perf_counter() - start
         result = Fp16Result(
             source=str(source), output=str(output), nodes=len(half.graph.node),
@@ -182,12 +183,12 @@ def convert_fp16(model: str | Path, output: str | Path | None = None, *,
 
 
 def check_fp16(fp32: Path, fp16: Path, spec: PreprocessSpec, options: Fp16Options, *,
-               output: str | None = None) -> tuple[CheckResult, str]:
+               output: str | None = None, kind: str = "logits") -> tuple[CheckResult, str]:
     """FP32 vs FP16 logits on ORT CPU, judged by parity's FP16 tolerance; and the inputs."""
     inputs, described = parity_inputs(spec, options.check_images, options.check_samples,
                                       options.seed)
     reference = run_model(fp32, inputs, len(inputs), output=output)
     candidate = run_model(fp16, inputs, len(inputs), output=output)
     check = CheckResult.judge(f"FP32 vs FP16 on ORT CPU on {described}", reference, candidate,
-                              TOLERANCES["fp16"])
+                              tolerance("fp16", kind))
     return check, described

@@ -249,9 +249,10 @@ class ToleranceOverrides:
         return base.override(atol=self.atol, rtol=self.rtol, min_cosine=self.min_cosine,
                              min_top1=self.min_top1)
 
-    def for_precision(self, precision: str) -> Tolerance:
-        """The tolerance ``precision`` is judged by, these overrides applied."""
-        return self.apply(TOLERANCES[precision], precision)
+    def for_precision(self, precision: str, kind: str = "logits") -> Tolerance:
+        """The tolerance ``precision`` is judged by (see :func:`tolerance`), these overrides
+        applied."""
+        return self.apply(tolerance(precision, kind), precision)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -276,3 +277,12 @@ TOLERANCES: dict[str, Tolerance] = {
 def hits(logits: np.ndarray, targets: np.ndarray, k: int) -> int:
     """How many rows have their target among the ``k`` largest logits."""
     return int((top_k(logits, k) == targets[:, None]).any(axis=1).sum())
+
+
+def tolerance(precision: str, kind: str = "logits") -> Tolerance:
+    """What an output of ``kind`` at ``precision`` must meet. An embedding (``features``)
+    has no classes, so it is judged without top-1: by the absolute rule at FP32 and by
+    cosine at FP16 and INT8, with the same floors, since a classifier's logits are a linear
+    map of that embedding (its cosine bounds theirs)."""
+    base = TOLERANCES[precision]
+    return dataclasses.replace(base, min_top1=None) if kind == "features" else base

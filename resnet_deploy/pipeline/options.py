@@ -30,6 +30,8 @@ class PipelineOptions:
     """Everything a run depends on besides its input files."""
 
     weights: str = "imagenet"
+    arch: str | None = None  # None: read from the checkpoint (resnet18 for imagenet/random)
+    features: bool = False  # export the pooled embedding instead of the class scores
     num_classes: int | None = None
     spec: PreprocessSpec = PreprocessSpec.create(224)
     spec_sources: dict[str, str] = field(default_factory=dict)  # see card.Preprocessing
@@ -63,7 +65,7 @@ class PipelineOptions:
         if self.name:
             return self.name
         if self.weights in ("random", "imagenet"):
-            return DEFAULT_NAME
+            return self.arch or DEFAULT_NAME
         return re.sub(r"[^A-Za-z0-9_-]+", "_", Path(self.weights).stem).strip("_") \
             or DEFAULT_NAME
 
@@ -118,10 +120,12 @@ class Run:
         """Parity's photos: the labelled set when given (calibration never saw it)."""
         return self.options.eval_images or self.options.calibration
 
-    def torch_model(self, num_classes: int | None, seed: int) -> tuple[Any, Any]:
+    def torch_model(self) -> tuple[Any, Any]:
         """The PyTorch model of the run's weights (built once per run)."""
         if self._torch is None:
             from ..weights.checkpoints import load_model
 
-            self._torch = load_model(self.options.weights, num_classes=num_classes, seed=seed)
+            o = self.options
+            self._torch = load_model(o.weights, arch=o.arch, num_classes=o.num_classes,
+                                     seed=o.seed, features=o.features)
         return self._torch

@@ -46,6 +46,8 @@ class ExportPlan:
     """What :func:`convert.export.export` gets, and the model it is built from."""
 
     weights: str  # "imagenet", "random", or "file" (the checkpoint is hashed as an input)
+    arch: str | None
+    features: bool
     num_classes: int | None
     seed: int
     spec: PreprocessSpec
@@ -62,7 +64,7 @@ def export_plan(run: Run) -> ExportPlan:
     # depends on the checkpoint and options only, and the parity step compares on photos.
     return ExportPlan(
         weights=o.weights if o.weights in ("random", "imagenet") else "file",
-        num_classes=o.num_classes, seed=o.seed, spec=o.spec,
+        arch=o.arch, features=o.features, num_classes=o.num_classes, seed=o.seed, spec=o.spec,
         preprocess_sources=dict(o.spec_sources), labels=o.labels,
         labels_source=o.labels_source, output=o.file("fp32"),
         options=ExportOptions(exporter=o.exporter, dynamic_batch=o.dynamic_batch,
@@ -72,7 +74,7 @@ def export_plan(run: Run) -> ExportPlan:
 def _export(run: Run, plan: ExportPlan) -> Outcome:
     from ..convert.export import export
 
-    model, loaded = run.torch_model(plan.num_classes, plan.seed)
+    model, loaded = run.torch_model()
     result = export(model, loaded, plan.spec, run.out / plan.output,
                     labels=list(plan.labels) if plan.labels else None,
                     labels_source=plan.labels_source,
@@ -169,8 +171,7 @@ def _parity(run: Run, plan: ParityPlan) -> Outcome:
     inputs = make_inputs(model_spec(files, None), images=run.images(), random_count=None,
                          limit=plan.limit, seed=plan.seed)
     report, _ = run_parity(files, inputs=inputs,
-                           weights_model=run.torch_model(run.options.num_classes,
-                                                         run.options.seed)[0],
+                           weights_model=run.torch_model()[0],
                            options=plan.options)
     path = run.out / "parity.json"
     write_json(path, {"machine": machine_info(), **report.to_dict()})
@@ -308,7 +309,7 @@ def steps(options: PipelineOptions) -> list[Step]:
     plan.append(Step("parity", parity_plan, lambda r: {
         "weights": r.weights_input(), **r.models_input(),
         "images": r.hashes.folder_input(r.images())}, _parity))
-    if options.eval_images is not None:
+    if options.eval_images is not None and not options.features:  # embeddings: no accuracy
         plan.append(Step("evaluate", evaluate_plan, lambda r: {
             **r.models_input(), "eval_images": r.hashes.folder_input(r.options.eval_images)},
             _evaluate))

@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING, Any
 
 from ..core.errors import UserError
 from ..core.files import file_sha256
-from .published import IMAGENET, IMAGENET1K_V1, RANDOM, imagenet_labels
+from .arch import (ARCHITECTURES, Architecture, architecture, infer_architecture, num_classes,
+                   without_head)
+from .published import DEFAULT_ARCH, IMAGENET, IMAGENET_CLASSES, RANDOM, imagenet_labels
 
 if TYPE_CHECKING:
     import torch
@@ -24,23 +26,20 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def resnet18(*, num_classes: int = 1000) -> nn.Module:
-    """A randomly initialised ResNet-18 (imports torch: see :mod:`resnet_deploy.resnet`)."""
-    from .resnet import resnet18 as build
-
-    return build(num_classes=num_classes)
-
-
 @dataclass(frozen=True)
 class LoadedWeights:
-    """Where a model's weights came from, recorded in every artifact and report."""
+    """Where a model's weights came from, recorded in every artifact and report.
+
+    ``num_classes`` is None for a features model (the pooled embedding, no fc)."""
 
     source: str  # "imagenet", "random" or a file path
     sha256: str | None
-    num_classes: int
+    num_classes: int | None
     labels: list[str] | None = field(default=None, compare=False)
     seed: int | None = None
     labels_source: str | None = field(default=None, compare=False)  # in words, for reports
+    arch: str = DEFAULT_ARCH
+    features: bool = False
 
     @property
     def is_random(self) -> bool:
@@ -48,79 +47,121 @@ class LoadedWeights:
 
     def describe(self) -> str:
         if self.is_random:
-            return f"random init (seed {self.seed}) - NOT a trained model"
+            return f"{self.arch} random init (seed {self.seed}) - NOT a trained model"
         if self.source == IMAGENET:
-            return (f"torchvision {IMAGENET1K_V1.name} (published ImageNet top-1 "
-                    f"{IMAGENET1K_V1.top1:.2%}, sha256 {(self.sha256 or '?')[:12]})")
-        return f"{self.source} (sha256 {self.sha256[:12] if self.sha256 else '?'})"
+            spec = architecture(self.arch)
+            return (f"torchvision {self.arch} IMAGENET1K_V1 (published ImageNet top-1 "
+                    f"{spec.top1:.2%}, sha256 {(self.sha256 or '?')[:12]})")
+        return f"{self.source} ({self.arch}, sha256 {self.sha256[:12] if self.sha256 else '?'})"
 
 
-def load_model(weights: str = IMAGENET, *, num_classes: int | None = None,
-               seed: int = 0, find_labels: bool = True) -> tuple[nn.Module, LoadedWeights]:
-    """Build ResNet-18 in eval mode from ``imagenet``, ``random`` or a checkpoint path.
+def load_model(weights: str = IMAGENET, *, arch: str | None = None,
+               num_classes: int | None = None, seed: int = 0, find_labels: bool = True,
+               features: bool = False) -> tuple[nn.Module, LoadedWeights]:
+    """Build a torchvision ResNet in eval mode from ``imagenet``, ``random`` or a checkpoint.
 
-    A checkpoint's class names come from beside it (:func:`card.labels_beside`) unless
-    ``find_labels`` is false (the caller has its own).
+    The architecture is read from the checkpoint (``arch`` names it instead, and must fit);
+    for ``imagenet`` and ``random`` it is ``arch``, resnet18 by default. ``features`` builds
+    the network without its fc: its output is the pooled embedding, and a checkpoint with
+    no fc, or one from another head, loads. A checkpoint's class names come from beside it
+    (:func:`card.labels_beside`) unless ``find_labels`` is false (the caller has its own).
     """
     import torch
 
     from .card import NO_LABELS, Labels, labels_beside
+    from .resnet import build
 
     if weights == RANDOM:
-        n = num_classes or IMAGENET1K_V1.num_classes
+        spec = _architecture(arch)
+        n = None if features else (num_classes or IMAGENET_CLASSES)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = resnet18(num_classes=n)
-        return model.eval(), LoadedWeights(RANDOM, None, n, None, seed)
-    path = imagenet_checkpoint() if weights == IMAGENET else Path(weights)
+            model = build(spec, num_classes=n)
+        return model.eval(), LoadedWeights(RANDOM, None, n, None, seed, arch=spec.name,
+                                           features=features)
+    path = imagenet_checkpoint(_architecture(arch)) if weights == IMAGENET else Path(weights)
     state = read_state_dict(path)
-    inferred = infer_num_classes(state, path)
-    if weights == IMAGENET and inferred != IMAGENET1K_V1.num_classes:
-        raise UserError(f"{path}: has {inferred} classes, not ImageNet's "
-                        f"{IMAGENET1K_V1.num_classes}; delete it so the published file is "
-                        "downloaded again")
-    if num_classes is not None and num_classes != inferred:
-        raise UserError(f"{path}: fc.weight has {inferred} classes but `num_classes` is "
-                        f"{num_classes}; drop `num_classes` or pass the matching checkpoint")
-    model = resnet18(num_classes=inferred)
-    check_state_dict(model, state, path)
-    model.load_state_dict(state, strict=True)
-    if weights == IMAGENET:
-        source = IMAGENET
+    spec, classes = identify(state, path, arch=arch, features=features)
+    if weights == IMAGENET and classes not in (None, IMAGENET_CLASSES):
+        raise UserError(f"{path}: has {classes} classes, not ImageNet's {IMAGENET_CLASSES}; "
+                        "delete it so the published file is downloaded again")
+    if num_classes is not None and classes is not None and num_classes != classes:
+        raise UserError(f"{path}: fc.weight has {classes} classes but `num_classes` is "
+                        f"{num_classes}; drop `num_classes` or pass the matching checkpoint",
+                        path=path, param="num_classes", value=num_classes)
+    model = build(spec, num_classes=classes)
+    model.load_state_dict(without_head(state) if features else state, strict=True)
+    if features:
+        labels = NO_LABELS
+    elif weights == IMAGENET:
         labels = Labels(tuple(imagenet_labels()), "the ImageNet weights (torchvision's class list)")
+    elif find_labels:
+        assert classes is not None
+        labels = labels_beside(path, classes)
     else:
-        source = str(path.resolve())
-        labels = labels_beside(path, inferred) if find_labels else NO_LABELS
-    return model.eval(), LoadedWeights(source, file_sha256(path), inferred,
+        labels = NO_LABELS
+    source = IMAGENET if weights == IMAGENET else str(path.resolve())
+    return model.eval(), LoadedWeights(source, file_sha256(path), classes,
                                        list(labels.names) if labels.names else None,
-                                       labels_source=labels.source if labels.names else None)
+                                       labels_source=labels.source if labels.names else None,
+                                       arch=spec.name, features=features)
 
 
-def imagenet_checkpoint() -> Path:
-    """torchvision's IMAGENET1K_V1 file: from the torch hub cache, else downloaded and hashed."""
+def _architecture(name: str | None) -> Architecture:
+    try:
+        return architecture(name or DEFAULT_ARCH)
+    except ValueError as exc:
+        raise UserError(f"`arch` {name}: {exc}", param="arch", value=name,
+                        allowed=tuple(ARCHITECTURES)) from None
+
+
+def identify(state: dict[str, Any], path: Path, *, arch: str | None = None,
+             features: bool = False) -> tuple[Architecture, int | None]:
+    """Which member a state_dict is (``arch`` if given, which must fit) and its classes:
+    None for features, whose fc (if any) is not read. One line naming the nearest member
+    and what differs when it fits none."""
+    trunk = without_head(state) if features else state
+    try:
+        spec = infer_architecture(trunk, arch=arch)
+    except ValueError as exc:  # UnknownArchitecture, or an unknown --arch name
+        raise UserError(f"{path}: {exc}", path=path, param="arch" if arch else None) from None
+    if features:
+        return spec, None
+    classes = num_classes(state)
+    if classes is None:
+        raise UserError(f"{path}: has no fc (a backbone saved alone); export its "
+                        f"{spec.feature_dim}-d embedding with `features`, or pass the "
+                        "classifier's checkpoint", path=path)
+    return spec, classes
+
+
+def imagenet_checkpoint(spec: Architecture) -> Path:
+    """torchvision's IMAGENET1K_V1 file of ``spec``: from the torch hub cache, else
+    downloaded with its hash checked."""
     import torch.hub
 
-    rec = IMAGENET1K_V1
-    path = Path(torch.hub.get_dir()) / "checkpoints" / rec.filename
+    path = Path(torch.hub.get_dir()) / "checkpoints" / spec.weights_filename
     if path.is_file():
-        if not file_sha256(path).startswith(rec.sha256_prefix):
-            raise UserError(f"{path}: sha256 does not start with {rec.sha256_prefix}; "
-                            "delete the file so that it is downloaded again")
+        if not file_sha256(path).startswith(spec.sha256_prefix):
+            raise UserError(f"{path}: sha256 does not start with {spec.sha256_prefix}; "
+                            "delete the file so that it is downloaded again", path=path)
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    log.info("downloading %s to %s", rec.url, path)
+    log.info("downloading %s to %s", spec.weights_url, path)
     try:
-        torch.hub.download_url_to_file(rec.url, str(path), hash_prefix=rec.sha256_prefix,
-                                       progress=True)
+        torch.hub.download_url_to_file(spec.weights_url, str(path),
+                                       hash_prefix=spec.sha256_prefix, progress=True)
     except Exception as exc:  # URLError, timeouts, hash mismatch: all mean "not available"
-        raise UserError(f"cannot get the ImageNet weights ({type(exc).__name__}: {exc}); "
-                        f"place {rec.filename} in {path.parent}, or pass `weights` PATH "
-                        "or `weights` random") from None
+        raise UserError(f"cannot get the ImageNet weights of {spec.name} "
+                        f"({type(exc).__name__}: {exc}); place {spec.weights_filename} in "
+                        f"{path.parent}, or pass `weights` PATH or `weights` random",
+                        path=path) from None
     return path
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Read a checkpoint safely (``weights_only=True``) and unwrap the common containers."""
+    """Read a checkpoint safely (``weights_only=True``) and unwrap the common containers
+    (``state_dict``, ``model``, DataParallel's ``module.`` prefix)."""
     import torch
 
     if not path.is_file():
@@ -192,35 +233,9 @@ def _first_line(exc: BaseException, limit: int = 160) -> str:
     return first[:limit].rsplit(" ", 1)[0].rstrip(" ,;:") + " ..."
 
 
-def infer_num_classes(state: dict[str, Any], path: Path) -> int:
-    fc = state.get("fc.weight")
-    if fc is None or fc.ndim != 2:
-        raise UserError(f"{path}: has no 2-D 'fc.weight', so it is not a ResNet-18 "
-                        f"state_dict (first keys: {', '.join(list(state)[:4])})")
-    return int(fc.shape[0])
-
-
-def checkpoint_classes(path: Path) -> int:
-    """How many classes a checkpoint's fc has (reads the file)."""
-    return infer_num_classes(read_state_dict(path), path)
-
-
-def check_state_dict(model: nn.Module, state: dict[str, Any], path: Path) -> None:
-    """Name the first offending keys instead of torch's wall of text."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
-             for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing keys ({', '.join(missing[:3])})")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected keys ({', '.join(unexpected[:3])})")
-    if wrong:
-        problems.append(f"{len(wrong)} shape mismatches ({'; '.join(wrong[:3])})")
-    if problems:
-        raise UserError(f"{path}: not a torchvision ResNet-18 state_dict: {'; '.join(problems)}")
+def checkpoint_classes(path: Path) -> int | None:
+    """How many classes a checkpoint's fc has (reads the file); None without an fc."""
+    return num_classes(read_state_dict(path))
 
 
 def weights_for(recorded: dict[str, Any] | None,
@@ -250,9 +265,12 @@ def load_for(recorded: dict[str, Any] | None, requested: str | None = None,
     exported from (same classes and seed)."""
     weights, note = weights_for(recorded, requested)
     record = recorded or {}
+    arch, features = record.get("arch"), bool(record.get("features"))
     if weights == RANDOM:  # the recorded init, or one of the same shape
         seed = int(record.get("seed") or 0) if record.get("source") == RANDOM else 0
-        model, loaded = load_model(RANDOM, num_classes=record.get("num_classes"), seed=seed)
+        model, loaded = load_model(RANDOM, arch=arch, num_classes=record.get("num_classes"),
+                                   seed=seed, features=features)
     else:
-        model, loaded = load_model(weights)
+        model, loaded = load_model(weights, arch=arch if weights == IMAGENET else None,
+                                   features=features)
     return model, loaded, note

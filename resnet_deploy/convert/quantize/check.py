@@ -98,9 +98,15 @@ def _eval_set(job: Candidate) -> _EvalSet:
     Photos that calibration also used (same content) are counted and warned about.
     """
     options, reader, spec = job.options, job.reader, job.spec
+    if job.file.kind == "features" and options.max_top1_drop is not None:
+        raise UserError(f"{job.model}: gives an embedding, which has no top-1 to hold "
+                        "within `max_top1_drop`; drop it (the gate judges embeddings by "
+                        "cosine)", path=job.model, param="max_top1_drop")
     labelled: LabelledImages | None = None
     labels, classes = (job.file.meta.labels if job.file.meta else None), job.file.io.classes
-    if options.eval_images is not None:
+    if options.eval_images is not None and job.file.kind == "features":
+        paths, source = list_images(options.eval_images), str(options.eval_images)
+    elif options.eval_images is not None:
         try:
             labelled = labelled_images(options.eval_images)
             labelled.class_indices(labels, classes)
@@ -289,5 +295,5 @@ def check_against_fp32(job: Candidate) -> Gate:
         logits = fallback.logits
         accuracy = fallback.accuracy(reference, evalset.targets, options.max_top1_drop)
     check = CheckResult.judge(f"FP32 vs INT8 on {evalset.source}", reference, logits,
-                              options.tolerances.for_precision("int8"))
+                              options.tolerances.for_precision("int8", job.file.kind))
     return Gate(check, accuracy, fallback, held_out, tuple(notes))
