@@ -114,14 +114,15 @@ def evaluate(models: Sequence[str | Path], images: str | Path, *,
     """Top-1/top-5 of each model on the ImageFolder ``images`` (a seeded subset with limit)."""
     if not models:
         raise UserError("no model given; pass `models` PATH (repeat it to compare models)")
-    folder = labelled_images(images).subset(options.limit, options.seed)
-    entries = []
-    for model in models:
-        file = ModelFile.read(model, options.output_name)
+    files = [ModelFile.read(model, options.output_name) for model in models]
+    for file in files:
         if file.kind == "features":
             raise UserError(f"{file.path}: gives an embedding ({file.io.classes}-d features), "
                             "not class scores, so it has no accuracy to measure; evaluate the "
                             "classifier it was exported from", path=file.path)
+    folder = labelled_images(images).subset(options.limit, options.seed)
+    entries = []
+    for file in files:
         file.warn_if_wrong_cpu(options.provider)
         untrained = file.meta is not None and file.meta.weights.get("source") == "random"
         if untrained:
