@@ -4,6 +4,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+# Triton 2.51's server, Python backend and stubs; --no-deps: its Python side wants numpy<2.
+PYTRITON_SPEC ?= nvidia-pytriton==0.7.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
@@ -12,7 +14,9 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q $(TORCH_SPEC)
-	$(BIN)/python -m pip install -q -e '.[test,plot]'
+	$(BIN)/python -m pip install -q -e '.[test,plot,serve]'
+	$(BIN)/python -m pip install -q --no-deps $(PYTRITON_SPEC)
+	$(BIN)/resnet-deploy serve --prepare
 	touch $@
 
 install: $(STAMP)
@@ -21,6 +25,7 @@ demo: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" bash scripts/demo.sh
 
 test: $(STAMP)
+	$(BIN)/resnet-deploy serve --prepare  # the Triton stub env (a no-op once it is built)
 	$(BIN)/ruff check resnet_deploy tests
 	$(BIN)/isort --check-only resnet_deploy tests
 	$(BIN)/mypy

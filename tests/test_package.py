@@ -168,9 +168,11 @@ def test_two_models_one_name_and_foreign_folders_are_refused(models: dict[str, P
 def test_a_repository_is_replaced_whole(models: dict[str, Path], tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     package_triton([models["fp32"], models["int8-cpu"]], repo)
-    assert sorted(p.name for p in repo.iterdir()) == ["README.md", "resnet18", "resnet18_int8"]
+    assert sorted(p.name for p in repo.iterdir()) == ["README.md", "resnet18", "resnet18_image",
+                                                      "resnet18_int8", "resnet18_int8_image"]
     package_triton([models["fp16"]], repo)
-    assert sorted(p.name for p in repo.iterdir()) == ["README.md", "resnet18_fp16"]
+    assert sorted(p.name for p in repo.iterdir()) == ["README.md", "resnet18_fp16",
+                                                      "resnet18_fp16_image"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]
 
 

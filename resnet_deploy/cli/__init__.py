@@ -6,7 +6,8 @@ option bundles and renderers' helpers they share.
 
 from __future__ import annotations
 
-from . import bench, evaluate, export, fp16, package, parity, pipeline, quantize  # noqa: F401
+from . import (bench, evaluate, export, fp16, package, parity, pipeline, quantize,  # noqa: F401
+               serve)
 from .app import main
 
 __all__ = ["main"]

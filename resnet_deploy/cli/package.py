@@ -56,17 +56,21 @@ def triton_options(fn: Any) -> Any:
 @click.option("--trt-cache", default="/tmp/triton_trt_cache", show_default=True,
               help="TensorRT engine cache folder on the server.")
 @triton_options
+@click.option("--intra-op-threads", type=click.IntRange(1, 1024), default=None,
+              help="onnxruntime threads per instance (parameter intra_op_thread_count) "
+                   "[default: onnxruntime's, every core]; with --instances N on C cores, C/N.")
 @click.option("--no-warmup", is_flag=True, help="Leave out model_warmup (zero data).")
 @json_option
 def package(fmt: str, models: tuple[Path, ...], output: Path, device: Device,
             tensorrt: TrtPrecision | None, trt_workspace_mb: int, trt_cache: str,
             max_batch_size: int, preferred: str | None, queue_delay_us: int, instances: int,
-            no_warmup: bool, json_path: Path | None) -> None:
+            intra_op_threads: int | None, no_warmup: bool, json_path: Path | None) -> None:
     """Write a Triton Inference Server model repository for ONNX models.
 
     Each model gets <name>/config.pbtxt, derived from its graph (names, dtypes, dims,
     static or dynamic batch), and <name>/1/model.onnx, plus labels.txt when the model
-    carries class names. Every config is parsed with tritonclient's model_config_pb2 and
+    carries class names; and <name>_image, which takes encoded photos (TYPE_STRING) and
+    applies the preprocessing recorded in the model. Every config is parsed with tritonclient's model_config_pb2 and
     checked against its graph with Triton's load-time rules; what Triton would refuse is
     refused here (exit 2) and nothing is written. Needs: pip install 'resnet-deploy[triton]'.
 
@@ -74,6 +78,7 @@ def package(fmt: str, models: tuple[Path, ...], output: Path, device: Device,
     Examples:
       resnet-deploy package --model artifacts/resnet18.onnx \\
           --model artifacts/resnet18.int8.onnx -o model_repository/
+      resnet-deploy package --model m.int8.onnx --instances 2 --intra-op-threads 1
       resnet-deploy package --model m.fp16.onnx --device gpu --tensorrt fp16 --instances 2
     """
     from ..core.files import check_outputs
@@ -90,7 +95,7 @@ def package(fmt: str, models: tuple[Path, ...], output: Path, device: Device,
         preferred_batch_sizes=(None if preferred is None
                                else batch_sizes(preferred, "--preferred-batch-size")),
         max_queue_delay_us=queue_delay_us, device=device, instance_count=instances,
-        tensorrt=tensorrt, trt_workspace_bytes=trt_workspace_mb << 20,
+        intra_op_threads=intra_op_threads, tensorrt=tensorrt, trt_workspace_bytes=trt_workspace_mb << 20,
         trt_cache_path=trt_cache, warmup=not no_warmup)
     result = package_triton(list(models), output, options=options)
     render_package(result)
@@ -103,8 +108,13 @@ def render_package(result: Any) -> None:
     emit(f"{result.output}: Triton model repository, {len(result.models)} model(s); configs "
          "parsed with model_config_pb2 and checked against their graphs")
     emit(format_table([{**m.to_dict(), "batch": m.max_batch_size or "static (0)",
-                        "accelerator": m.accelerator or "-"} for m in result.models], [
-        ("name", "model"), ("precision", "prec"), ("device", "device"),
-        ("accelerator", "accelerator"), ("batch", "max batch"), ("labels", "labels")]))
-    emit(f"serve it: tritonserver --model-repository={Path(result.output).resolve()} "
-         "(see its README.md)")
+                        "accelerator": m.accelerator or "-",
+                        "photos": m.image_endpoint or "-"} for m in result.models], [
+        ("name", "model"), ("photos", "photos endpoint"), ("precision", "prec"),
+        ("device", "device"), ("accelerator", "accelerator"), ("batch", "max batch"),
+        ("labels", "labels")]))
+    for model in result.models:
+        if model.image_note:
+            click.echo(f"warning: {model.name}: no photos endpoint: {model.image_note}",
+                       err=True)
+    emit(f"serve it: resnet-deploy serve {Path(result.output).resolve()} (see its README.md)")

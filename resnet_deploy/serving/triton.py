@@ -57,7 +57,9 @@ def model_config_pb2() -> Any:
 @dataclass(frozen=True)
 class TritonOptions:
     """How Triton should serve a model. ``preferred_batch_sizes`` None: 8, 16, 32... up to
-    ``max_batch_size``. ``tensorrt``: fp16 runs FP32/FP16 models in FP16 under TensorRT;
+    ``max_batch_size``. ``intra_op_threads``: onnxruntime's threads per instance (None:
+    onnxruntime's default, every core; with several instances on few cores, 1 each).
+    ``tensorrt``: fp16 runs FP32/FP16 models in FP16 under TensorRT;
     int8 also runs INT8 (QDQ) models in INT8 (the others in FP16)."""
 
     max_batch_size: int = 32
@@ -65,6 +67,7 @@ class TritonOptions:
     max_queue_delay_us: int = 100
     device: Device = "cpu"
     instance_count: int = 1
+    intra_op_threads: int | None = None
     tensorrt: TrtPrecision | None = None
     trt_workspace_bytes: int = 1 << 30
     trt_cache_path: str = "/tmp/triton_trt_cache"
@@ -78,9 +81,10 @@ class TritonOptions:
                             f"{', '.join(TRT_PRECISIONS)}")
         if self.tensorrt is not None and self.device != "gpu":
             raise UserError("`tensorrt` is a GPU accelerator; add `device` gpu or drop it")
-        if self.max_batch_size < 1 or self.instance_count < 1 or self.max_queue_delay_us < 0:
-            raise UserError("`max_batch_size` and `instance_count` take positive integers, "
-                            "`max_queue_delay_us` a non-negative one")
+        if self.max_batch_size < 1 or self.instance_count < 1 or self.max_queue_delay_us < 0 \
+                or (self.intra_op_threads is not None and self.intra_op_threads < 1):
+            raise UserError("`max_batch_size`, `instance_count` and `intra_op_threads` take "
+                            "positive integers, `max_queue_delay_us` a non-negative one")
         sizes = self.preferred_batch_sizes or ()
         if any(not 1 <= size <= self.max_batch_size for size in sizes):
             raise UserError(f"`preferred_batch_sizes` {','.join(map(str, sizes))}: each must be "
@@ -194,6 +198,8 @@ def build_config(name: str, proto: onnx.ModelProto, options: TritonOptions, *,
                 data_type=schema.DataType.Value(io.data_type), dims=shape, zero_data=True))
     meta = metadata_from_proto(proto)
     parameters = {"source_sha256": source_sha256, "precision": model_precision(proto)}
+    if options.intra_op_threads is not None:  # the C++ backend's name; the Python one too
+        parameters["intra_op_thread_count"] = str(options.intra_op_threads)
     if meta is not None:
         parameters.update(_spec_parameters(meta.preprocess))
     for key, value in parameters.items():
@@ -213,28 +219,47 @@ def parse_config(path: Path) -> Any:
                         "'resnet-deploy package'") from None
 
 
-def config_problems(config: Any, proto: onnx.ModelProto, model_dir: Path) -> list[str]:
-    """What Triton (core and onnxruntime backend) would refuse at load, as one line each.
-
-    The rules: the name is the folder's; inputs name every graph input and outputs only graph
-    outputs, with the graph's dtypes; with max_batch_size > 0 the graph's batch dimension
-    must be dynamic and dims leave it out, with 0 dims are the full shape; preferred batch
-    sizes lie in 1..max_batch_size; an instance group exists; the TensorRT accelerator is a
-    GPU one; warm-up feeds every input with its dtype and concrete dims; the label file has
-    one line per class.
-    """
+def common_problems(config: Any, model_dir: Path) -> list[str]:
+    """The rules Triton core applies to every model, whatever its backend: the name is the
+    folder's; preferred batch sizes need batching and lie in 1..max_batch_size; an instance
+    group exists, and a CPU one names no GPUs."""
     schema = model_config_pb2()
-    type_name = schema.DataType.Name
     problems: list[str] = []
     if config.name != model_dir.name:
         problems.append(f"name {config.name!r} differs from its folder {model_dir.name!r}")
+    if config.max_batch_size < 0:
+        problems.append("max_batch_size is negative")
+    if config.HasField("dynamic_batching"):
+        if config.max_batch_size <= 0:
+            problems.append("dynamic_batching needs max_batch_size > 0")
+        sizes = list(config.dynamic_batching.preferred_batch_size)
+        if any(not 1 <= s <= config.max_batch_size for s in sizes):
+            problems.append(f"preferred batch sizes {sizes} must lie in 1..max_batch_size "
+                            f"({config.max_batch_size})")
+    if not config.instance_group:
+        problems.append("no instance_group")
+    if any(g.kind == schema.ModelInstanceGroup.KIND_CPU and g.gpus for g in config.instance_group):
+        problems.append("KIND_CPU instances cannot name GPUs")
+    return problems
+
+
+def config_problems(config: Any, proto: onnx.ModelProto, model_dir: Path) -> list[str]:
+    """What Triton (core and onnxruntime backend) would refuse at load, as one line each.
+
+    Besides :func:`common_problems`: inputs name every graph input and outputs only graph
+    outputs, with the graph's dtypes; with max_batch_size > 0 the graph's batch dimension
+    must be dynamic and dims leave it out, with 0 dims are the full shape; the TensorRT
+    accelerator is a GPU one; warm-up feeds every input with its dtype and concrete dims;
+    the label file has one line per class.
+    """
+    schema = model_config_pb2()
+    type_name = schema.DataType.Name
+    problems = common_problems(config, model_dir)
     if config.platform != PLATFORM:
         problems.append(f"platform {config.platform!r} is not {PLATFORM!r}")
     if not (model_dir / VERSION / MODEL_FILE).is_file():
         problems.append(f"{VERSION}/{MODEL_FILE} is missing")
     batching = config.max_batch_size > 0
-    if config.max_batch_size < 0:
-        problems.append("max_batch_size is negative")
     inputs, outputs = triton_io(proto)
     graph = {io.name: io for io in (*inputs, *outputs)}
     wanted = {io.name for io in inputs}
@@ -250,28 +275,17 @@ def config_problems(config: Any, proto: onnx.ModelProto, model_dir: Path) -> lis
             if type_name(io.data_type) != found.data_type:
                 problems.append(f"{kind} {io.name!r} is {type_name(io.data_type)} but the "
                                 f"graph has {found.data_type}")
-            problems += _dims_problems(kind, io.name, list(io.dims), found.shape, batching,
-                                       config.max_batch_size)
-    if config.HasField("dynamic_batching"):
-        if not batching:
-            problems.append("dynamic_batching needs max_batch_size > 0")
-        sizes = list(config.dynamic_batching.preferred_batch_size)
-        if any(not 1 <= s <= config.max_batch_size for s in sizes):
-            problems.append(f"preferred batch sizes {sizes} must lie in 1..max_batch_size "
-                            f"({config.max_batch_size})")
-    if not config.instance_group:
-        problems.append("no instance_group")
-    if any(g.kind == schema.ModelInstanceGroup.KIND_CPU and g.gpus for g in config.instance_group):
-        problems.append("KIND_CPU instances cannot name GPUs")
+            problems += dims_problems(kind, io.name, list(io.dims), found.shape, batching,
+                                      config.max_batch_size)
     gpu = any(g.kind == schema.ModelInstanceGroup.KIND_GPU for g in config.instance_group)
     accelerators = config.optimization.execution_accelerators.gpu_execution_accelerator
     problems += _accelerator_problems(accelerators, gpu, proto)
     problems += _warmup_problems(config, type_name)
-    problems += _label_problems(config, model_dir, graph)
+    problems += label_problems(config, model_dir, graph)
     return problems
 
 
-def _dims_problems(kind: str, name: str, dims: list[int], shape: tuple[int, ...],
+def dims_problems(kind: str, name: str, dims: list[int], shape: tuple[int, ...],
                    batching: bool, max_batch_size: int) -> list[str]:
     if batching:
         if not shape or shape[0] != -1:
@@ -332,7 +346,7 @@ def _warmup_problems(config: Any, type_name: Any) -> list[str]:
     return problems
 
 
-def _label_problems(config: Any, model_dir: Path, graph: Mapping[str, TensorIO]) -> list[str]:
+def label_problems(config: Any, model_dir: Path, graph: Mapping[str, TensorIO]) -> list[str]:
     problems = []
     for io in config.output:
         if not io.label_filename:
@@ -349,17 +363,22 @@ def _label_problems(config: Any, model_dir: Path, graph: Mapping[str, TensorIO])
 
 
 def check_repository(root: str | Path) -> list[str]:
-    """Parse every ``*/config.pbtxt`` under ``root`` and check it against its model.onnx.
+    """Parse every ``*/config.pbtxt`` under ``root`` and check it against its model: an
+    onnxruntime model against its ``1/model.onnx``, an image endpoint against the model
+    file it runs (:mod:`image_endpoint`).
 
     Returns the models checked; raises UserError naming the first model Triton would refuse.
     """
+    from .image_endpoint import image_problems, is_image_config
+
     root = Path(root)
     names = []
     for config_path in sorted(root.glob(f"*/{CONFIG_FILE}")):
         model_dir = config_path.parent
         config = parse_config(config_path)
-        problems = config_problems(config, load_onnx(model_dir / VERSION / MODEL_FILE),
-                                   model_dir)
+        problems = (image_problems(config, model_dir) if is_image_config(config) else
+                    config_problems(config, load_onnx(model_dir / VERSION / MODEL_FILE),
+                                    model_dir))
         if problems:
             raise UserError(f"{config_path}: Triton would refuse it: {problems[0]}"
                             + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
