@@ -70,9 +70,10 @@ def package(fmt: str, models: tuple[Path, ...], output: Path, device: Device,
     Each model gets <name>/config.pbtxt, derived from its graph (names, dtypes, dims,
     static or dynamic batch), and <name>/1/model.onnx, plus labels.txt when the model
     carries class names; and <name>_image, which takes encoded photos (TYPE_STRING) and
-    applies the preprocessing recorded in the model. Every config is parsed with tritonclient's model_config_pb2 and
-    checked against its graph with Triton's load-time rules; what Triton would refuse is
-    refused here (exit 2) and nothing is written. Needs: pip install 'resnet-deploy[triton]'.
+    applies the preprocessing recorded in the model. Every config is parsed with
+    tritonclient's model_config_pb2 and checked against its graph with Triton's load-time
+    rules; what Triton would refuse is refused here (exit 2) and nothing is written.
+    Needs: pip install 'resnet-deploy[triton]'.
 
     \b
     Examples:
@@ -95,8 +96,8 @@ def package(fmt: str, models: tuple[Path, ...], output: Path, device: Device,
         preferred_batch_sizes=(None if preferred is None
                                else batch_sizes(preferred, "--preferred-batch-size")),
         max_queue_delay_us=queue_delay_us, device=device, instance_count=instances,
-        intra_op_threads=intra_op_threads, tensorrt=tensorrt, trt_workspace_bytes=trt_workspace_mb << 20,
-        trt_cache_path=trt_cache, warmup=not no_warmup)
+        intra_op_threads=intra_op_threads, tensorrt=tensorrt,
+        trt_workspace_bytes=trt_workspace_mb << 20, trt_cache_path=trt_cache, warmup=not no_warmup)
     result = package_triton(list(models), output, options=options)
     render_package(result)
     write_json_if(json_path, result.to_dict())
