@@ -23,9 +23,18 @@ MAX_THREADS = 1024
 
 
 @main.command()
-@click.option("--model", "models", multiple=True, required=True,
+@click.option("--model", "models", multiple=True,
               type=FilePath(),
-              help="ONNX model to time (repeatable; ratios are to the first).")
+              help="ONNX model to time (repeatable; ratios are to the first). With --url: "
+                   "the file the server serves, timed in-process beside it.")
+@click.option("--url", default=None, metavar="http://HOST:PORT|grpc://HOST:PORT",
+              help="Time a model served by Triton instead (needs --served-model).")
+@click.option("--served-model", default=None, metavar="NAME",
+              help="With --url: the served model (NAME_image takes photos from --images).")
+@click.option("--concurrency", default="1,2,4,8,16", show_default=True,
+              help="With --url: concurrent clients, one level each.")
+@click.option("--images", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="With --url: photos for a photos endpoint [default: calibration/].")
 @provider_option(single=True)
 @click.option("--batch-size", "batch_sizes", default="1", show_default=True,
               help="Comma-separated batch sizes, e.g. 1,8,32.")
@@ -56,7 +65,9 @@ MAX_THREADS = 1024
               default=None, help="Also write the table as Markdown here.")
 @click.option("--plot", "plot_path", type=FilePath(),
               default=None, help="Also draw latency and throughput to this PNG (matplotlib).")
-def bench(models: tuple[Path, ...], providers: tuple[str, ...], batch_sizes: str, warmup: int,
+def bench(models: tuple[Path, ...], url: str | None, served_model: str | None,
+          concurrency: str, images: Path | None, providers: tuple[str, ...], batch_sizes: str,
+          warmup: int,
           iterations: int | None, duration: float | None, block: int, threads: int | None,
           torch_baseline: bool, weights: str | None, io_binding: bool, cuda_graph: bool,
           trt_cache: str | None, placement: bool, seed: int, json_path: Path | None,
@@ -67,15 +78,28 @@ def bench(models: tuple[Path, ...], providers: tuple[str, ...], batch_sizes: str
     time, peak RSS and how many nodes each provider ran. Only the inference call is timed;
     models take turns in small blocks. --weights without --torch is ignored.
 
+    With --url, a model served by Triton instead: each --concurrency level runs until
+    --iterations requests (default 400) or --duration seconds (default 10), reporting
+    images/s, p50/p90/p99 and Triton's own batch, queue and compute times, beside the
+    --model file run in-process at the batch the level's concurrent requests make.
+
     \b
     Examples:
       resnet-deploy bench --model artifacts/resnet18.onnx \\
           --model artifacts/resnet18.int8.onnx --batch-size 1,32 --torch
       resnet-deploy bench --model a.onnx --provider cuda --io-binding --cuda-graph \\
           --batch-size 1,32,256 --json bench.json --markdown bench.md --plot bench.png
+      resnet-deploy bench --url grpc://127.0.0.1:8001 --served-model resnet18_int8 \\
+          --model artifacts/resnet18.int8.onnx --concurrency 1,8 --duration 5
     """
     check_outputs({"--json": json_path, "--markdown": markdown_path, "--plot": plot_path},
                   models)
+    if url is not None or served_model is not None:
+        served(url, served_model, models, concurrency, images, batch_sizes, iterations,
+               duration, seed, json_path)
+        return
+    if not models:
+        raise UserError("give --model PATH (repeatable), or --url and --served-model")
     from ..checks.bench import BenchOptions, run_bench
 
     if iterations is not None and duration is not None:
@@ -106,6 +130,60 @@ def bench(models: tuple[Path, ...], providers: tuple[str, ...], batch_sizes: str
 
         plot_bench([r.to_dict() for r in report.results], plot_path, machine=report.machine)
         emit(f"wrote {plot_path}")
+
+
+def served(url: str | None, served_model: str | None, models: tuple[Path, ...],
+           concurrency: str, images: Path | None, batch_sizes: str, iterations: int | None,
+           duration: float | None, seed: int, json_path: Path | None) -> None:
+    """``bench --url``: the served sweep, rendered."""
+    from ..checks.served import ServedBenchOptions, run_served_bench
+
+    if url is None or served_model is None:
+        raise UserError("--url and --served-model go together")
+    if len(models) > 1:
+        raise UserError("with --url, give at most one --model: the file the server serves")
+    sizes = batch_sizes_of(batch_sizes, "--batch-size")
+    if len(sizes) > 1:
+        raise UserError("with --url, give one --batch-size: the rows of each request")
+    options = ServedBenchOptions(concurrency=batch_sizes_of(concurrency, "--concurrency"),
+                                 batch_size=sizes[0], max_requests=iterations or 400,
+                                 duration_s=duration or 10.0, seed=seed)
+    with terminal_progress() as progress:
+        report = run_served_bench(url, served_model, local_model=models[0] if models else None,
+                                  images=images or Path("calibration"), options=options,
+                                  progress=progress)
+    render_served(report)
+    write_json_if(json_path, report.to_dict())
+
+
+def render_served(report: Any) -> None:
+    from ..core.render import Column, format_table
+
+    emit(f"machine: {describe(report.machine)}")
+    options = report.options
+    emit(f"{report.model} at {report.url} ({report.input}), requests of {options.batch_size}; "
+         f"each level until {options.max_requests} requests or {options.duration_s:g} s")
+    rows = [{**level.to_dict(), **{k: v for k, v in level.server.items()}}
+            for level in report.levels]
+    local = Path(report.local_model).name if report.local_model else "no --model"
+    emit(format_table(rows, [
+        Column("concurrency", "clients", "int"), Column("requests", "requests", "int"),
+        Column("errors", "errors", "int"),
+        Column("throughput_ips", "images/s", "number", "rows answered per second"),
+        Column("p50_ms", "p50 ms", "ms"), Column("p90_ms", "p90 ms", "ms"),
+        Column("p99_ms", "p99 ms", "ms", "request latency at the client"),
+        Column("avg_batch", "batch", "number", "Triton's requests per execution"),
+        Column("queue_ms", "queue ms", "ms", "Triton's queue time per request"),
+        Column("compute_infer_ms", "infer ms", "ms", "Triton's compute time per request "
+               "(the model's execute, for a Python model its IPC included)"),
+        Column("inprocess_batch", "in-process batch", "int"),
+        Column("inprocess_ips", "in-process images/s", "number",
+               f"{local} in this process at clients x request batch"),
+        Column("ratio", "served/in-process", "ratio")]))
+    failed = [level for level in report.levels if level.errors]
+    for level in failed:
+        click.echo(f"warning: {level.errors} request(s) failed at {level.concurrency} clients: "
+                   f"{level.first_error}", err=True)
 
 
 PROVIDER_NAMES = {"cpu": "CPU", "cuda": "CUDA", "tensorrt": "TensorRT"}
