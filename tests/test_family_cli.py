@@ -50,6 +50,8 @@ def test_each_member_exports_without_arch_and_matches_pytorch(arch: str, tmp_pat
     assert result.exit_code == 0, result.output
     rows = json.loads((tmp_path / "p.json").read_text())["results"]
     assert all(r["passed"] and r["top1_agreement"] == 1.0 for r in rows), rows
+    assert f"architecture: {arch}" in result.output
+    assert {r["arch"] for r in rows} == {arch}  # the torch rows too
     ckpt.unlink()  # the big members' files are hundreds of MB
     out.unlink()
 
@@ -155,3 +157,16 @@ def test_resnet50_through_the_whole_pipeline(tmp_path: Path) -> None:
     assert read_metadata(out / "resnet50.onnx").weights["arch"] == "resnet50"
     assert (out / "model_repository" / "resnet50_int8" / "config.pbtxt").is_file()
     assert run("verify", out / "manifest.json").exit_code == 0
+
+
+def test_evaluate_names_the_architecture(tmp_path: Path, image_folder: Path) -> None:
+    ckpt = _checkpoint(tmp_path, "resnet34", num_classes=2)
+    out = tmp_path / "r34.onnx"
+    assert run("export", "--weights", ckpt, "--input-size", "32", "--exporter", "torchscript",
+               "--simplify", "none", "-o", out).exit_code == 0
+    result = run("evaluate", "--model", out, "--images", image_folder,
+                 "--json", tmp_path / "e.json")
+    assert result.exit_code == 0, result.output
+    assert "architecture: resnet34" in result.output
+    models = json.loads((tmp_path / "e.json").read_text())["models"]
+    assert [m["arch"] for m in models] == ["resnet34"]

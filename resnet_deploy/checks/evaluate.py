@@ -54,6 +54,7 @@ class ModelAccuracy:
     classes: int = 0  # the model's outputs: chance is 1/classes
     top1_agreement: float | None = None
     top1_drop_pt: float | None = None
+    arch: str | None = None  # the ResNet recorded at export (None for a foreign model)
 
     @property
     def near_chance(self) -> bool:
@@ -63,7 +64,8 @@ class ModelAccuracy:
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "provider": self.provider, "n": self.n,
                 "top1": round(self.top1, 6), "top5": round(self.top5, 6),
-                "precision": self.precision, "label_mapping": self.label_mapping,
+                "precision": self.precision, "arch": self.arch,
+                "label_mapping": self.label_mapping,
                 "classes": self.classes, "near_chance": self.near_chance,
                 "top1_agreement": (None if self.top1_agreement is None
                                    else round(self.top1_agreement, 6)),
@@ -189,7 +191,7 @@ def _accuracies(entries: Sequence[_Entry]) -> list[ModelAccuracy]:
             drop = 100 * (first.top1 / max(first.n, 1) - top1)
         out.append(ModelAccuracy(str(entry.path), entry.runner.provider, entry.precision,
                                  entry.n, top1, entry.top5 / max(entry.n, 1), entry.mapping,
-                                 entry.classes, agreement, drop))
+                                 entry.classes, agreement, drop, entry.file.arch))
     return out
 
 

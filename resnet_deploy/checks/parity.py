@@ -64,6 +64,7 @@ class BackendResult:
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"backend": self.backend, "model": self.model,
                                 "provider": self.provider, "precision": self.precision,
+                                "arch": self.arch, "kind": self.kind,
                                 "tolerance": self.tolerance}
         if self.check is not None:
             data.update(self.check.to_dict())
@@ -333,9 +334,9 @@ def _candidates(models: Sequence[ModelFile], weights_model: Any | None, options:
     reported as skipped when the options allow it, else an error."""
     planned: list[tuple[BackendResult, Runner]] = []
     if weights_model is not None:
-        kind = models[0].kind if models else "logits"
+        kind, arch = (models[0].kind, models[0].arch) if models else ("logits", None)
         planned += [(BackendResult(f"torch@{device}", None, f"torch-{device}", "fp32",
-                                   kind=kind),
+                                   kind=kind, arch=arch),
                      TorchRunner(weights_model, device))
                     for device in torch_devices() if f"torch@{device}" not in ran]
     for model_file in models:

@@ -9,9 +9,9 @@ import click
 
 from ..core.files import check_outputs
 from .app import main
-from .options import (SEED, FilePath, build_spec, describe_machine, emit, json_option,
-                      output_name_option, preprocess_options, provider_option, terminal_progress,
-                      write_json_if)
+from .options import (SEED, FilePath, build_spec, describe_machine, emit, emit_architectures,
+                      json_option, output_name_option, preprocess_options, provider_option,
+                      terminal_progress, write_json_if)
 
 if TYPE_CHECKING:
     from ..checks.evaluate import EvaluateResult
@@ -70,6 +70,7 @@ def render_evaluate(result: EvaluateResult) -> None:
 
     emit(f"machine: {describe_machine()}")
     emit(f"{result.images}: {result.models[0].n} images, {result.classes} classes")
+    emit_architectures(m.arch for m in result.models)
     rows = [{**m.to_dict(), "mapping": MAPPINGS.get(m.label_mapping, m.label_mapping)}
             for m in result.models]
     first = Path(result.models[0].model).name

@@ -6,7 +6,7 @@ import contextlib
 import math
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +154,14 @@ def output_name_option(fn: Callable[..., Any]) -> Callable[..., Any]:
 def emit(text: str) -> None:
     """A line of the command's report: stdout, or stderr when stdout carries the JSON."""
     click.echo(printable(phrase(text)), err=_json_to_stdout())
+
+
+def emit_architectures(archs: Iterable[str | None]) -> None:
+    """``architecture: resnet50``: the ResNets the models were exported from (as recorded in
+    their metadata), so a table of figures says what it measured; nothing for foreign models."""
+    named = sorted({arch for arch in archs if arch})
+    if named:
+        emit(f"architecture: {', '.join(named)}")
 
 
 def printable(text: str) -> str:

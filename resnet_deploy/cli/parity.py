@@ -11,8 +11,8 @@ from ..core.errors import UserError
 from ..core.files import check_outputs
 from .app import main
 from .options import (DEFAULT_IMAGES, FilePath, Finite, build_spec, describe_machine, emit,
-                      json_option, output_name_option, preprocess_options, provider_option,
-                      random_banner, weights_option, write_json_if)
+                      emit_architectures, json_option, output_name_option, preprocess_options,
+                      provider_option, random_banner, weights_option, write_json_if)
 
 if TYPE_CHECKING:
     from ..checks.parity import ParityReport
@@ -106,6 +106,7 @@ def render_parity(report: ParityReport) -> None:
 
     emit(f"machine: {describe_machine()}")
     emit(f"reference: {report.reference}; inputs: {report.inputs['description']}")
+    emit_architectures(r.arch for r in report.results)
     rows = [{**r.to_dict(), "verdict": "skipped" if r.skipped else
              ("PASS" if r.passed else "FAIL")} for r in report.results]
     if rows:  # a reference-only run (--save-outputs) has no table to show
