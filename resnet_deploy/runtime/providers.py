@@ -102,17 +102,19 @@ def _provider_chain(full: str, cfg: SessionConfig) -> list[Any]:
     return [cpu]
 
 
-def create_session(model: str | Path, provider: str = "cpu",
+def create_session(model: str | Path | bytes, provider: str = "cpu",
                    config: SessionConfig = SessionConfig(), *,
                    label: str | None = None) -> ort.InferenceSession:
     """An InferenceSession that really runs on ``provider``, or a ProviderUnavailable error.
 
-    ``label`` names the model in errors when ``model`` is an internal temporary copy."""
+    ``model`` is a path, or a serialized graph edited in memory (never written over the
+    file). ``label`` names the model in errors when ``model`` is an internal temporary copy
+    or bytes."""
     import onnxruntime as ort
 
     full = require_provider(provider)
-    shown = label or model
-    if not Path(model).is_file():
+    shown = label or ("the in-memory model" if isinstance(model, bytes) else model)
+    if not isinstance(model, bytes) and not Path(model).is_file():
         raise UserError(f"{shown}: no such model file; run 'resnet-deploy export' first")
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
@@ -124,11 +126,7 @@ def create_session(model: str | Path, provider: str = "cpu",
     if config.profile:
         opts.enable_profiling = True
         opts.profile_file_prefix = str(Path(os.environ.get("TMPDIR", "/tmp")) / "rd_profile")
-    source: str | bytes = str(model)
-    try:
-        str(model).encode("utf-8")
-    except UnicodeEncodeError:  # a file name that is not UTF-8: ORT takes only UTF-8 paths
-        source = Path(model).read_bytes()
+    source = model if isinstance(model, bytes) else _session_source(Path(model))
     try:
         session = ort.InferenceSession(source, opts, providers=_provider_chain(full, config))
     except Exception as exc:
@@ -140,6 +138,16 @@ def create_session(model: str | Path, provider: str = "cpu",
             f"have run on {', '.join(session.get_providers())}; its CUDA/cuDNN libraries "
             f"probably failed to load; to fix: {GPU_INSTALL_HINT}")
     return session
+
+
+def _session_source(model: Path) -> str | bytes:
+    """The path as ORT takes it: its bytes when the file name is not UTF-8 (ORT takes only
+    UTF-8 paths)."""
+    try:
+        str(model).encode("utf-8")
+    except UnicodeEncodeError:
+        return model.read_bytes()
+    return str(model)
 
 
 def ort_reason(exc: BaseException, limit: int = 240) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
@@ -61,12 +62,15 @@ class Runner(ABC):
             self.active = False
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
+        self._check(batch)
+        return self._infer_impl(batch)
+
+    def _check(self, batch: np.ndarray) -> None:
         if not self.active:
             raise RuntimeError(f"{self.name}: infer() outside its with-block")
         if batch.ndim != 4 or batch.dtype != np.float32:
             raise UserError(f"{self.name}: expected an NCHW float32 batch, got "
                             f"{batch.dtype} {batch.shape}")
-        return self._infer_impl(batch)
 
     @abstractmethod
     def _activate_impl(self) -> None:
@@ -91,14 +95,17 @@ class OrtRunner(Runner):
 
     ``model`` is a path or an opened :class:`ModelFile` (whose chosen output is read);
     ``output`` names the output otherwise (None: the first). ``label`` names the model in
-    errors when the path is an internal temporary copy. With ``io_binding``, inputs and
+    errors when the path is an internal temporary copy. ``graph`` is the model serialized
+    after an edit in memory (layerwise's extra outputs), run instead of the file at the
+    path, which still names it. With ``io_binding``, inputs and
     outputs live on the device (``run_with_iobinding``); with ``config.cuda_graph`` a graph
     is captured per batch shape, so a new shape gets a new session.
     """
 
     def __init__(self, model: str | Path | ModelFile, provider: str = "cpu",
                  config: SessionConfig = SessionConfig(), *, label: str | None = None,
-                 output: str | None = None, io_binding: bool = False) -> None:
+                 output: str | None = None, io_binding: bool = False,
+                 graph: bytes | None = None) -> None:
         super().__init__()
         if isinstance(model, ModelFile):
             output = output or model.io.output_name
@@ -107,6 +114,7 @@ class OrtRunner(Runner):
         self.model = str(model)
         self.config = config
         self.label = label
+        self.graph = graph
         self.output = output or None
         self.io_binding = io_binding or config.cuda_graph
         self.full_provider = provider_name(provider)
@@ -116,8 +124,9 @@ class OrtRunner(Runner):
         self._bound: tuple[int, _Binding] | None = None  # (id of the batch, its binding)
 
     def _activate_impl(self) -> None:
-        self.session = create_session(self.path, self.full_provider, self.config,
-                                      label=self.label)
+        self.session = create_session(self.path if self.graph is None else self.graph,
+                                      self.full_provider, self.config,
+                                      label=self.label or str(self.path))
         declared = self.session.get_inputs()[0]
         self.input_name = declared.name
         self.static_batch = declared.shape[0] if isinstance(declared.shape[0], int) else None
@@ -131,14 +140,29 @@ class OrtRunner(Runner):
         self.session = None  # onnxruntime frees the session (and its device memory) here
 
     def _infer_impl(self, batch: np.ndarray) -> np.ndarray:
+        return self._by_static_batch(batch, lambda rows: [self._run(rows)])[0]
+
+    def infer_outputs(self, batch: np.ndarray, names: Sequence[str]) -> list[np.ndarray]:
+        """The graph's outputs ``names`` for one batch, as float32 (a plain run: no IO
+        binding, no timing)."""
+        self._check(batch)
+        assert self.session is not None
+        session = self.session
+        return self._by_static_batch(batch, lambda rows: [
+            np.asarray(out, dtype=np.float32)
+            for out in session.run(list(names), {self.input_name: rows})])
+
+    def _by_static_batch(self, batch: np.ndarray,
+                         run: Callable[[np.ndarray], list[np.ndarray]]) -> list[np.ndarray]:
         if self.static_batch is None or len(batch) == self.static_batch:
-            return self._run(batch)
+            return run(batch)
         # A static-batch model takes exactly its batch: feed it chunks of that size, the last
         # one filled up by repeating images, and keep only the rows that were asked for.
         step = self.static_batch
-        outputs = [self._run(fill_batch(batch[i:i + step], step))[:len(batch[i:i + step])]
-                   for i in range(0, len(batch), step)]
-        return np.concatenate(outputs)
+        chunks = [[out[:len(batch[i:i + step])] for out in run(fill_batch(batch[i:i + step],
+                                                                          step))]
+                  for i in range(0, len(batch), step)]
+        return [np.concatenate(parts) for parts in zip(*chunks, strict=True)]
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         assert self.session is not None
