@@ -125,7 +125,7 @@ install_onnxruntime_gpu() {
 install_missing() {
     local missing=() pair
     for pair in onnx:onnx onnxsim:onnxsim onnxslim:onnxslim onnxscript:onnxscript \
-                click:click PIL:pillow numpy:numpy tqdm:tqdm matplotlib:matplotlib; do
+                click:click PIL:pillow numpy:numpy matplotlib:matplotlib; do
         has_module "${pair%%:*}" || missing+=("${pair##*:}")
     done
     if [ ${#missing[@]} -gt 0 ]; then

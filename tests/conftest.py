@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from resnet_deploy.serving.server import TritonServer
 
 ROOT = Path(__file__).resolve().parents[1]
 CALIBRATION = ROOT / "calibration"
@@ -117,3 +123,46 @@ def assert_names_machine(data: dict, output: str) -> None:
                                      "amx_tile", "amx_int8", "f16c", "fma"}
     assert "onnxruntime" in machine["versions"]
     assert f"int8 path {cpu['int8_path']}" in output and cpu["cpu"] in output
+
+
+@pytest.fixture(scope="session")
+def static_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 10-class random ResNet-18 at 64x64 exported with a fixed batch of 1."""
+    from resnet_deploy.convert.export import ExportOptions, export
+    from resnet_deploy.data.spec import PreprocessSpec
+    from resnet_deploy.weights.checkpoints import load_model
+
+    path = tmp_path_factory.mktemp("static") / "static.onnx"
+    model, loaded = load_model("random", num_classes=10, seed=0)
+    export(model, loaded, PreprocessSpec.create(64), path,
+           options=ExportOptions(exporter="torchscript", dynamic_batch=False,
+                                 parity_images=None, parity_samples=2))
+    return path
+
+
+@contextlib.contextmanager
+def running_triton(repository: Path) -> Iterator[TritonServer]:
+    """A real Triton (the nvidia-pytriton wheel's, with the stub env ``make test`` built) on
+    ``repository``: loopback only, free ports, no metrics; stopped by its PID at the end,
+    and nothing of it (process, /dev/shm segment, python_env folder) may be left.
+
+    The stub env is never built here: a test run does not reach for the network."""
+    from resnet_deploy.serving.server import ServerOptions, TritonServer
+    from resnet_deploy.serving.stub_env import stub_env
+
+    server = TritonServer(repository, ServerOptions(ready_timeout_s=120),
+                          env=stub_env(build=False))
+    with server:
+        pids = server.pids()
+        prefix = server.shm_prefix
+        yield server
+    assert not [pid for pid in pids if Path(f"/proc/{pid}").exists()
+                and "zombie" not in _proc_state(pid)], "a Triton process outlived its stop"
+    assert not list(Path("/dev/shm").glob(f"{prefix}*")), "a shm segment was left"
+
+
+def _proc_state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split("\n")[0].lower()
+    except (OSError, IndexError):
+        return "zombie"

@@ -189,7 +189,7 @@ def test_pipeline_names_models_after_the_checkpoint_and_gates_on_eval_images(
     out, result = piped
     assert (out / "ft.onnx").is_file() and (out / "ft.int8.onnx").is_file()
     assert {p.name for p in (out / "model_repository").iterdir() if p.is_dir()} == {
-        "ft", "ft_int8"}
+        "ft", "ft_int8", "ft_image", "ft_int8_image"}
     manifest = json.loads((out / "manifest.json").read_text())
     quantize = manifest["steps"]["quantize"]
     assert quantize["results"]["held_out"] == 17 and "eval_images" in quantize["inputs"]
@@ -219,7 +219,7 @@ def test_pipeline_name_option_sets_the_names(ft: Path, tmp_path: Path) -> None:
                  "cats", "--min-top1", "0", "--triton", "-o", tmp_path / "o")
     assert result.exit_code == 0, result.output
     assert {p.name for p in (tmp_path / "o" / "model_repository").iterdir() if p.is_dir()} \
-        == {"cats", "cats_int8"}
+        == {"cats", "cats_int8", "cats_image", "cats_int8_image"}
     assert run("pipeline", "--weights", ft, "--name", "no/slash", "-o",
                tmp_path / "p").exit_code == 2
 
@@ -273,6 +273,7 @@ def test_json_dash_writes_json_to_stdout_for_every_command(fp32: Path, tmp_path:
                      "--num-samples", "8", "--bench-iterations", "2", "--min-top1", "0",
                      "--min-cosine", "0", "-o", "pipe"],
         "verify": ["pipe/manifest.json"],
+        "serve": ["--prepare"],
     }
     takes_json = {name for name, command in main.commands.items()
                   if any("--json" in p.opts for p in command.params)}

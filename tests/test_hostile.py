@@ -1161,7 +1161,7 @@ CASES = [
     Case("package-external-data-inlined", 13, "package --model {external} -o {out}/repo", 0,
          creates=tuple(f"{{out}}/repo/{f}" for f in (
              "README.md", "external/config.pbtxt", "external/labels.txt",
-             "external/1/model.onnx")),
+             "external/1/model.onnx", "external_image")),
          check=lambda world, result: _serves(world, "external")),
     Case("package-external-data-missing", 13, "package --model {external_alone} "
          "-o {out}/repo", 2, says=("external.onnx.data",)),

@@ -23,7 +23,8 @@ from .conftest import CALIBRATION
 
 
 @pytest.fixture(scope="module")
-def models(random_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def models(random_onnx: Path, static_onnx: Path,
+           tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """FP32 dynamic and static batch, FP16, INT8 for CPU and INT8 for TensorRT."""
     from resnet_deploy.convert.fp16 import Fp16Options, convert_fp16
     from resnet_deploy.convert.quantize.publish import quantize
@@ -31,7 +32,7 @@ def models(random_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
 
     folder = tmp_path_factory.mktemp("package-models")
     fp32 = Path(shutil.copy(random_onnx, folder / "resnet18.onnx"))
-    found = {"fp32": fp32, "static": _static_export(folder / "static.onnx")}
+    found = {"fp32": fp32, "static": Path(shutil.copy(static_onnx, folder / "static.onnx"))}
     found["fp16"] = Path(convert_fp16(fp32, folder / "resnet18.fp16.onnx",
                                       options=Fp16Options(check_images=None)).output)
     for target, name in (("cpu", "resnet18.int8.onnx"), ("tensorrt", "trt.int8.onnx")):
@@ -39,18 +40,6 @@ def models(random_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
                  options=QuantizeOptions(target=target, num_samples=8, check=False))
         found[f"int8-{target}"] = folder / name
     return found
-
-
-def _static_export(path: Path) -> Path:
-    from resnet_deploy.convert.export import ExportOptions, export
-    from resnet_deploy.data.spec import PreprocessSpec
-    from resnet_deploy.weights.checkpoints import load_model
-
-    model, loaded = load_model("random", num_classes=10, seed=0)
-    export(model, loaded, PreprocessSpec.create(64), path,
-           options=ExportOptions(exporter="torchscript", dynamic_batch=False,
-                                 parity_images=None, parity_samples=2))
-    return path
 
 
 def _config(repo: Path, name: str) -> pb.ModelConfig:

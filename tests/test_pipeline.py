@@ -27,7 +27,7 @@ from resnet_deploy.weights.card import resolve_preprocess
 
 from .conftest import CALIBRATION
 
-ALL = ["export", "quantize", "parity", "evaluate", "bench", "report", "triton"]
+ALL = ["export", "quantize", "parity", "evaluate", "bench", "triton", "serve", "report"]
 
 
 def _invoke(*args: object) -> object:
@@ -258,16 +258,17 @@ DIRECT = {
     "labels": {"export"}, "labels_source": {"export"}, "exporter": {"export"},
     "dynamic_batch": {"export"}, "name": {"export", "quantize", "fp16", "triton"},
     "method": {"quantize"}, "num_samples": {"quantize"}, "target": {"quantize"},
-    "gate": {"quantize", "parity"}, "parity_limit": {"parity"},
+    "gate": {"quantize", "parity", "serve"}, "parity_limit": {"parity"},
     "bench_batch_sizes": {"bench"}, "bench_iterations": {"bench"}, "bench_warmup": {"bench"},
     "triton": {"triton"}, "seed": {"export", "quantize", "fp16", "parity", "evaluate", "bench"},
 }
 NOT_PLANNED = {"weights", "calibration", "eval_images", "providers", "force", "features"}
-DOWNSTREAM = {"export": {"quantize", "fp16", "parity", "evaluate", "bench", "report", "triton"},
-              "quantize": {"parity", "evaluate", "bench", "report", "triton"},
-              "fp16": {"parity", "evaluate", "bench", "report", "triton"},
-              "parity": {"report"}, "evaluate": {"report"}, "bench": {"report"},
-              "report": set(), "triton": set()}
+SERVED = {"triton", "serve", "report"}
+DOWNSTREAM = {"export": {"quantize", "fp16", "parity", "evaluate", "bench", *SERVED},
+              "quantize": {"parity", "evaluate", "bench", *SERVED},
+              "fp16": {"parity", "evaluate", "bench", *SERVED},
+              "parity": {"serve", "report"}, "evaluate": {"report"}, "bench": {"report"},
+              "triton": {"serve", "report"}, "serve": {"report"}, "report": set()}
 CHANGED = {
     "num_classes": 12, "spec": PreprocessSpec.create(40), "arch": "resnet34",
     "spec_sources": {"input_size": "given"}, "labels": tuple(f"k{i}" for i in range(10)),
@@ -299,10 +300,11 @@ def _fake_steps(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         return run
 
     outputs = {"export": lambda r, p: [p.output], "quantize": lambda r, p: [p.output],
-               "fp16": lambda r, p: [p.output], "parity": lambda r, p: ["parity.json"],
+               "fp16": lambda r, p: [p.output],
+               "parity": lambda r, p: ["parity.json", p.saved_outputs],
                "evaluate": lambda r, p: ["evaluate.json"], "bench": lambda r, p: ["bench.json"],
                "report": lambda r, p: ["report.md"],
-               "triton": lambda r, p: ["model_repository/README.md"]}
+               "triton": lambda r, p: ["model_repository/README.md"], "serve": lambda r, p: []}
     for step, files in outputs.items():
         monkeypatch.setattr(pipeline_module, f"_{step}", fake(step, files))
     monkeypatch.setattr(providers, "require_provider", lambda name: name)

@@ -22,7 +22,7 @@ from click.testing import CliRunner
 
 from resnet_deploy.cli import main
 
-from .conftest import CALIBRATION, ROOT
+from .conftest import CALIBRATION, ROOT, running_triton
 
 README = ROOT / "README.md"
 IMAGENET_CLASSES = ROOT / "resnet_deploy" / "weights" / "imagenet_classes.txt"
@@ -80,6 +80,10 @@ SUBSTITUTES: dict[str, Callable[[list[str], Path], list[str]]] = {
     "network": offline_imagenet,
     "your files": project_files,
 }
+# A line that talks to ``resnet-deploy serve``: it runs against a real Triton that the test
+# starts on the repository the README's ``package`` line wrote, at that server's address.
+SERVED = "a running server"
+SERVED_URL = "127.0.0.1:8000"
 COMMANDS = readme_commands(README.read_text("utf-8"))
 
 
@@ -95,7 +99,7 @@ def _param(number: int, command: str, need: str | None) -> object:
     marks: list[pytest.MarkDecorator] = []
     if need == "gpu":
         marks = [pytest.mark.gpu, pytest.mark.skipif(not _has_cuda(), reason="needs: gpu")]
-    elif need is not None and need not in SUBSTITUTES:
+    elif need is not None and need not in SUBSTITUTES and need != SERVED:
         marks = [pytest.mark.skip(reason=f"needs: {need}")]
     return pytest.param(command, need, id=f"L{number}-{command.split()[1]}", marks=marks)
 
@@ -128,14 +132,20 @@ def test_readme_command_runs(command: str, need: str | None, workdir: Path,
     if need in SUBSTITUTES:
         args = SUBSTITUTES[need](args, workdir)
     monkeypatch.chdir(workdir)
-    result = CliRunner().invoke(main, args[1:])
+    if need == SERVED:
+        with running_triton(workdir / "model_repository") as server:
+            args = [a.replace(SERVED_URL, server.http_url) for a in args]
+            result = CliRunner().invoke(main, args[1:])
+    else:
+        result = CliRunner().invoke(main, args[1:])
     assert result.exit_code == 0, (f"{shlex.join(args)} exited {result.exit_code} "
                                    f"({result.exception!r}):\n{result.output}")
 
 
 def test_every_command_has_an_example_that_runs() -> None:
-    running = {c.split()[1] for _, c, need in COMMANDS if need is None or need in SUBSTITUTES}
-    assert {need for _, _, need in COMMANDS} <= {None, "gpu", *SUBSTITUTES}, \
+    running = {c.split()[1] for _, c, need in COMMANDS
+               if need is None or need in SUBSTITUTES or need == SERVED}
+    assert {need for _, _, need in COMMANDS} <= {None, "gpu", SERVED, *SUBSTITUTES}, \
         "a new kind of '# needs:' marker: substitute it, or skip it here on purpose"
     assert set(main.commands) <= running, sorted(set(main.commands) - running)
 
@@ -148,12 +158,35 @@ def test_extracts_joined_commands_and_markers() -> None:
         (5, "resnet-deploy verify m.json", None)]
 
 
+def python_block(text: str, heading: str) -> str:
+    """The first ```python block after ``heading``."""
+    return text.split(heading, 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+
+
 def test_the_python_api_block_runs(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The README's Python block, as written, on the stand-in ``ft.pth`` (with a 64 px card
     beside nothing: the block passes its own spec)."""
-    text = README.read_text("utf-8")
-    block = text.split("```python\n", 1)[1].split("```", 1)[0]
+    block = python_block(README.read_text("utf-8"), "## Python API")
     assert "resnet_deploy" in block
     monkeypatch.chdir(workdir)
     exec(compile(block, "README.md", "exec"), {})  # the project's own README
     assert (workdir / "ft.onnx").is_file()
+
+
+def test_the_photo_request_block_prints_the_top_5(
+        random_onnx: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The serving section's three-line client, as written but for the address, against a
+    real Triton serving a packaged ``resnet18``, with a real photo."""
+    from resnet_deploy.serving.repository import package_triton
+
+    block = python_block(README.read_text("utf-8"), "## Serving at scale")
+    assert len(block.strip().splitlines()) == 3
+    model = Path(shutil.copy(random_onnx, tmp_path / "resnet18.onnx"))
+    package_triton([model], tmp_path / "repo")
+    shutil.copy(sorted(CALIBRATION.glob("*.jpg"))[0], tmp_path / "photo.jpg")
+    monkeypatch.chdir(tmp_path)
+    with running_triton(tmp_path / "repo") as server:
+        exec(compile(block.replace("localhost:8000", server.http_url), "README.md", "exec"), {})
+    top5 = capsys.readouterr().out
+    assert top5.count(":class") == 5, top5  # score:index:label, five times

@@ -209,6 +209,7 @@ class Golden:
     reference: str
     logits: np.ndarray
     hashes: tuple[str, ...]
+    names: tuple[str, ...] = ()  # each input's path below the image folder, or random-N
 
     def match(self, inputs: Inputs) -> None:
         """Check, after a pass, that ``inputs`` are the ones the logits were made from."""
@@ -233,13 +234,14 @@ def load_outputs(path: Path) -> Golden:
         with np.load(path, allow_pickle=False) as data:
             logits, hashes = data["logits"], tuple(str(h) for h in data["input_sha256"])
             reference = str(data["reference"])
+            names = tuple(str(n) for n in data["input_names"])
     except Exception as exc:
         raise UserError(f"{path}: not a golden-outputs .npz ({type(exc).__name__}); "
                         "make one with `save_outputs`") from None
-    if logits.ndim != 2 or len(logits) != len(hashes):
+    if logits.ndim != 2 or len(logits) != len(hashes) or len(names) != len(hashes):
         raise UserError(f"{path}: its logits do not match its input list; make it again with "
                         "`save_outputs`")
-    return Golden(Path(path), f"{reference} (golden outputs from {path})", logits, hashes)
+    return Golden(Path(path), f"{reference} (golden outputs from {path})", logits, hashes, names)
 
 
 # From strictest to loosest: a pair is judged by the looser of its two precisions, so an

@@ -206,6 +206,12 @@ def step_summary(record: Any) -> str:
                          f"{cell(row.p50_ms, 'ms')} ms" for row in found.rows)
     if isinstance(found, f.TritonFacts):
         return ", ".join(m["name"] for m in found.models)
+    if isinstance(found, f.ServeFacts):
+        if found.skipped:
+            return found.skipped
+        protocols = sorted({c["protocol"] for c in found.checks})
+        return (f"{'PASS' if found.passed else 'FAIL'}, {len(found.checks)} endpoint checks "
+                f"({'/'.join(protocols)}) on {found.images} photos, Triton {found.triton}")
     if isinstance(found, f.ExportFacts):
         return "check PASS" if found.parity_passed else "-"
     if isinstance(found, f.Fp16Facts):

@@ -10,7 +10,8 @@ import click
 
 from ..core.errors import UserError
 from .app import main
-from .options import FilePath, Finite, emit, json_option, terminal_progress, write_json_if
+from .options import (FilePath, Finite, emit, json_option, show_result, terminal_progress,
+                      write_json_if)
 
 PORT = click.IntRange(0, 65535)
 
@@ -36,6 +37,12 @@ PORT = click.IntRange(0, 65535)
               show_default=True, help="Seconds to wait for every model to be READY.")
 @click.option("--log", "log_path", type=FilePath(), default=None,
               help="Append Triton's log to this file.")
+@click.option("--check-images", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Try it and stop: send these photos to every model and its _image "
+                   "endpoint over HTTP and gRPC, compare with onnxruntime in this process "
+                   "(by each model's parity tolerance); exit 1 if any answer differs.")
+@click.option("--limit", type=click.IntRange(min=1), default=64, show_default=True,
+              help="At most N photos of --check-images (a seeded subset).")
 @click.option("--prepare", is_flag=True,
               help="Only build (or check) the stub env and say where it is; no REPOSITORY.")
 @click.option("--rebuild-env", is_flag=True, help="Build the stub env again first.")
@@ -43,7 +50,8 @@ PORT = click.IntRange(0, 65535)
 def serve(repository: Path | None, host: str, http_port: int, grpc_port: int,
           metrics_port: int, no_metrics: bool, triton_bin: Path | None,
           backend_directory: Path | None, ready_timeout: float, log_path: Path | None,
-          prepare: bool, rebuild_env: bool, json_path: Path | None) -> None:
+          check_images: Path | None, limit: int, prepare: bool, rebuild_env: bool,
+          json_path: Path | None) -> None:
     """Serve a Triton model repository (from 'resnet-deploy package') with a real Triton.
 
     Runs Triton 2.51 from the nvidia-pytriton wheel (or --triton-bin), waits until every
@@ -55,12 +63,15 @@ def serve(repository: Path | None, host: str, http_port: int, grpc_port: int,
     and cached in $RESNET_DEPLOY_STUB_ENV (default ~/.cache/resnet-deploy/triton-stub);
     it is rebuilt when Python, onnxruntime, Pillow or the wheel change, or with
     --rebuild-env. A model that fails to load is exit 2 with Triton's reason.
+    --check-images tries the repository before shipping it: it serves, proves every
+    endpoint against onnxruntime in this process on those photos, and stops.
     Needs: pip install 'resnet-deploy[serve]' && pip install --no-deps nvidia-pytriton==0.7.0
 
     \b
     Examples:
       resnet-deploy serve --prepare
       resnet-deploy serve artifacts/model_repository
+      resnet-deploy serve artifacts/model_repository --check-images calibration/
       resnet-deploy serve model_repository/ --http-port 0 --grpc-port 0 --no-metrics
     """
     from ..serving.server import ServerFailed, ServerOptions, TritonServer
@@ -71,11 +82,14 @@ def serve(repository: Path | None, host: str, http_port: int, grpc_port: int,
             env = None if triton_bin else stub_env(rebuild=rebuild_env, progress=progress)
         if env is not None:
             versions = ", ".join(f"{k} {v}" for k, v in env.versions().items())
-            emit(f"Triton stub env: {env.root} ({versions}); Triton {env.wheel.version} "
-                 f"from {env.wheel.tritonserver}")
+            emit(f"Triton stub env: {env.root} ({versions}); tritonserver of nvidia-pytriton "
+                 f"{env.wheel.version}: {env.wheel.tritonserver}")
         if prepare:
             if repository is not None:
                 raise UserError("--prepare builds the stub env only; drop REPOSITORY")
+            write_json_if(json_path, {"stub_env": None if env is None else {
+                "root": str(env.root), "versions": env.versions(),
+                "nvidia_pytriton": env.wheel.version, "tritonserver": str(env.wheel.tritonserver)}})
             return
     if repository is None:
         raise UserError("give the REPOSITORY to serve (or --prepare)")
@@ -83,6 +97,10 @@ def serve(repository: Path | None, host: str, http_port: int, grpc_port: int,
                             metrics_port=None if no_metrics else _port(metrics_port, host),
                             triton_bin=triton_bin, backend_directory=backend_directory,
                             ready_timeout_s=ready_timeout, log_path=log_path)
+    if check_images is not None:
+        show_result(lambda: _check(repository, check_images, limit, options), render_proof,
+                    json_path)
+        return
     with terminal_progress() as progress:
         server = TritonServer(repository, options, progress=progress)
         server.start()
@@ -95,6 +113,41 @@ def serve(repository: Path | None, host: str, http_port: int, grpc_port: int,
         raise ServerFailed(f"tritonserver exited by itself: {(list(server.log) or [''])[-1]}")
     finally:
         emit(f"stopped Triton in {server.stop():.1f} s")
+
+
+def _check(repository: Path, folder: Path, limit: int, options: Any) -> Any:
+    from ..core.errors import CheckFailed
+    from ..data.images import list_images, seeded_subset
+    from ..serving.proof import inprocess_outputs, prove_protocols
+
+    photos = seeded_subset(list_images(folder), limit)
+    if not photos:
+        raise UserError(f"{folder}: holds no image; point --check-images at a folder of photos")
+    with terminal_progress() as progress:
+        expected = inprocess_outputs(repository, photos)
+        proof = prove_protocols(repository, photos, expected, options=options,
+                                progress=progress)
+    if not proof:
+        first = proof.failures[0]
+        raise CheckFailed(f"{repository}: {first.endpoint} ({first.sent}, {first.protocol}) "
+                          f"differs from onnxruntime in this process: {first.result.reason}",
+                          report=proof)
+    return proof
+
+
+def render_proof(proof: Any) -> None:
+    from ..core.render import Column, format_table
+
+    emit(f"Triton {proof.triton} served {proof.repository}; onnxruntime models ran on "
+         f"{proof.onnxruntime_backend}")
+    emit(f"{proof.images} photos through every endpoint, against onnxruntime in this process:")
+    emit(format_table([{**c.to_dict(), **c.result.to_dict(),
+                        "verdict": "PASS" if c else "FAIL"} for c in proof.checks], [
+        ("endpoint", "endpoint"), ("sent", "sent"), ("protocol", "protocol"),
+        ("precision", "precision"), Column("max_abs_diff", "max abs diff", "error"),
+        Column("top1_agreement", "top-1", "share"), ("verdict", "verdict")]))
+    if proof.without_photos:
+        emit(f"no photo endpoint (no preprocessing recorded): {', '.join(proof.without_photos)}")
 
 
 def _port(port: int, host: str) -> int:

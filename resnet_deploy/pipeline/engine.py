@@ -21,8 +21,8 @@ from typing import Any, Protocol
 
 from ..core.errors import CheckFailed, UserError
 from .facts import Facts
-from .manifest import (BUILT, FAILED, MANIFEST, UP_TO_DATE, Hashes, StepRecord, read_manifest,
-                       records_of, step_key, write_manifest)
+from .manifest import (BUILT, FAILED, MANIFEST, SKIPPED, UP_TO_DATE, Hashes, StepRecord,
+                       read_manifest, records_of, step_key, write_manifest)
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,15 @@ class Context(Protocol):
     out: Path
     hashes: Hashes
     records: dict[str, StepRecord]
+
+
+class StepSkipped(Exception):
+    """A step that cannot run here (an optional extra is missing): recorded as skipped with
+    this reason, never up to date, so it runs once what it needs is there."""
+
+    def __init__(self, reason: str, facts: Facts) -> None:
+        super().__init__(reason)
+        self.facts = facts
 
 
 @dataclass(frozen=True)
@@ -123,8 +132,8 @@ def execute(plan: Sequence[Step], context: Context, *, known: Sequence[str], for
         key = step_key(inputs, fingerprint(options))
         prev = records.get(step.name)
         prefix = f"[{index}/{len(plan)}] {step.name}:"
-        if (not force and prev is not None and prev.status != FAILED and prev.key == key
-                and _outputs_hold(prev, out, context.hashes)):
+        if (not force and prev is not None and prev.status not in (FAILED, SKIPPED)
+                and prev.key == key and _outputs_hold(prev, out, context.hashes)):
             # Same hashes, perhaps other paths: record where the inputs are now.
             records[step.name] = dataclasses.replace(prev, status=UP_TO_DATE, inputs=inputs)
             say(f"{prefix} up to date")
@@ -141,6 +150,13 @@ def execute(plan: Sequence[Step], context: Context, *, known: Sequence[str], for
             write_manifest(out, records, order)
             say(f"{prefix} FAILED after {time.perf_counter() - start:.1f}s")
             raise
+        except StepSkipped as skipped:
+            records[step.name] = StepRecord(
+                step.name, SKIPPED, key, inputs, _recorded(options),
+                results=skipped.facts.to_dict(), seconds=round(time.perf_counter() - start, 3))
+            write_manifest(out, records, order)
+            say(f"{prefix} skipped: {skipped}")
+            continue
         seconds = round(time.perf_counter() - start, 3)
         records[step.name] = StepRecord(
             step.name, BUILT, key, inputs, _recorded(options),

@@ -159,6 +159,20 @@ class TritonFacts(Facts):
     models: tuple[dict[str, Any], ...] = ()  # serving.repository.PackagedModel records
 
 
+@dataclass(frozen=True)
+class ServeFacts(Facts):
+    """The served repository's verdict: every endpoint against parity's saved outputs
+    (``passed`` None and ``skipped`` the reason when the serve extra is missing)."""
+
+    step: ClassVar[str] = "serve"
+    passed: bool | None = None
+    skipped: str | None = None
+    triton: str | None = None
+    onnxruntime_backend: str | None = None
+    images: int = 0
+    checks: tuple[dict[str, Any], ...] = ()  # serving.proof.EndpointProof records
+
+
 FACTS: dict[str, type[Facts]] = {cls.step: cls for cls in (
     ExportFacts, QuantizeFacts, Fp16Facts, ParityFacts, EvaluateFacts, BenchFacts, ReportFacts,
-    TritonFacts)}
+    TritonFacts, ServeFacts)}

@@ -26,8 +26,8 @@ from ..data.images import list_images
 
 MANIFEST = "manifest.json"
 FORMAT = "resnet-deploy-manifest/1"
-BUILT, UP_TO_DATE, FAILED = "built", "up to date", "failed"
-STATUSES = (BUILT, UP_TO_DATE, FAILED)
+BUILT, UP_TO_DATE, FAILED, SKIPPED = "built", "up to date", "failed", "skipped"
+STATUSES = (BUILT, UP_TO_DATE, FAILED, SKIPPED)
 INPUT_KINDS = ("file", "folder", "artifact", "step", "value")
 SHA256 = re.compile(r"[0-9a-f]{64}")
 

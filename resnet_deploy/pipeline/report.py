@@ -7,12 +7,13 @@ and a rerun that finds everything up to date tell the same story.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 
 from ..core.machine import describe
 from ..core.render import Column, cell, format_markdown
 from ..data.spec import PreprocessSpec
-from .facts import (FACTS, BackendFacts, BenchFacts, EvaluateFacts, ExportFacts, Facts, ParityFacts,
-                    QuantizeFacts)
+from .facts import (FACTS, BenchFacts, EvaluateFacts, ExportFacts, Facts, ParityFacts,
+                    QuantizeFacts, ServeFacts)
 from .manifest import StepRecord
 
 # How each figure a verdict rests on is written, in the order rules are listed.
@@ -46,7 +47,7 @@ def report_markdown(records: dict[str, StepRecord], plot: str | None) -> str:
     p = facts(records, "parity")
     if isinstance(p, ParityFacts):
         verdicts = {True: "PASS", False: "FAIL", None: "skipped"}
-        rows = [{**b.to_dict(), "verdict": verdicts[b.passed], "judged": judged_text(b)}
+        rows = [{**b.to_dict(), "verdict": verdicts[b.passed], "judged": judged_text(b.judged_on)}
                 for b in p.backends]
         parts.append(f"## Parity against PyTorch ({p.inputs})\n\n" + format_markdown(rows, [
             ("backend", "backend"), ("precision", "prec"),
@@ -66,6 +67,9 @@ def report_markdown(records: dict[str, StepRecord], plot: str | None) -> str:
                 Column("top5", "top-5", "share"),
                 Column("top1_agreement", "agrees with first", "share"),
                 Column("top1_drop_pt", "top-1 drop", "points")]) + warning)
+    served = facts(records, "serve")
+    if isinstance(served, ServeFacts):
+        parts.append(served_section(served))
     b = facts(records, "bench")
     if isinstance(b, BenchFacts):
         parts.append("## Latency\n\n" + (f"**Warning:** {b.busy}.\n\n" if b.busy else "")
@@ -79,10 +83,26 @@ def report_markdown(records: dict[str, StepRecord], plot: str | None) -> str:
     return "\n".join(parts)
 
 
-def judged_text(backend: BackendFacts) -> str:
-    """``cosine p1 0.998600, top-1 99.50%``: the figures a parity verdict rests on."""
+def judged_text(judged_on: Mapping[str, float]) -> str:
+    """``cosine p1 0.998600, top-1 99.50%``: the figures a verdict rests on."""
     return ", ".join(f"{_JUDGED[k][0]} {cell(v, _JUDGED[k][1])}"  # type: ignore[arg-type]
-                     for k, v in backend.judged_on.items() if k in _JUDGED) or "-"
+                     for k, v in judged_on.items() if k in _JUDGED) or "-"
+
+
+def served_section(served: ServeFacts) -> str:
+    """Every endpoint of the served repository against parity's reference, or why the
+    repository was not served."""
+    if served.skipped:
+        return f"## Served\n\nNot served: {served.skipped}\n"
+    rows = [{**c, "judged": judged_text(c["result"]["judged_on"]),
+             "tolerance": c["result"]["tolerance"],
+             "verdict": "PASS" if c["result"]["passed"] else "FAIL"} for c in served.checks]
+    return (f"## Served by Triton {served.triton} ({served.images} parity photos)\n\n"
+            f"onnxruntime models ran on {served.onnxruntime_backend}.\n\n"
+            + format_markdown(rows, [
+                ("endpoint", "endpoint"), ("sent", "sent"), ("protocol", "protocol"),
+                ("precision", "prec"), ("judged", "judged on"), ("tolerance", "must meet"),
+                ("verdict", "verdict")]))
 
 
 def provenance_lines(records: dict[str, StepRecord], *, markdown: bool = False) -> list[str]:

@@ -25,18 +25,20 @@ from ..core.choices import TrtPrecision
 from ..core.errors import CheckFailed, UserError
 from ..core.files import write_text
 from ..core.machine import describe, machine_info
+from ..core.metrics import ToleranceOverrides
 from ..core.render import write_json
 from ..data.spec import PreprocessSpec
 from ..serving.triton import TritonOptions
-from .engine import Outcome, PipelineResult, Step, execute
+from .engine import Outcome, PipelineResult, Step, StepSkipped, execute
 from .facts import (AccuracyFacts, BackendFacts, BenchFacts, EvaluateFacts, ExportFacts, Fp16Facts,
-                    LatencyFacts, ParityFacts, QuantizeFacts, ReportFacts, TritonFacts)
+                    LatencyFacts, ParityFacts, QuantizeFacts, ReportFacts, ServeFacts, TritonFacts)
 from .options import PipelineOptions, Run
 from .report import report_markdown
 
 log = logging.getLogger(__name__)
 
 REPOSITORY = "model_repository"
+PARITY_OUTPUTS = "parity_outputs.npz"  # the reference's logits, in parity's --save-outputs form
 
 
 # --- the plans: what each step hands to the library ------------------------------------------
@@ -155,6 +157,7 @@ class ParityPlan:
     limit: int | None
     seed: int
     options: ParityOptions
+    saved_outputs: str = PARITY_OUTPUTS  # the reference's logits, for the serve step
 
 
 def parity_plan(run: Run) -> ParityPlan:
@@ -165,16 +168,17 @@ def parity_plan(run: Run) -> ParityPlan:
 
 def _parity(run: Run, plan: ParityPlan) -> Outcome:
     from ..artifact.model_file import ModelFile
-    from ..checks.parity import check, make_inputs, model_spec, run_parity
+    from ..checks.parity import check, make_inputs, model_spec, run_parity, save_outputs
 
     files = [ModelFile.read(p) for p in run.model_paths()]
     inputs = make_inputs(model_spec(files, None), images=run.images(), random_count=None,
                          limit=plan.limit, seed=plan.seed)
-    report, _ = run_parity(files, inputs=inputs,
-                           weights_model=run.torch_model()[0],
-                           options=plan.options)
+    report, logits = run_parity(files, inputs=inputs,
+                                weights_model=run.torch_model()[0],
+                                options=plan.options)
     path = run.out / "parity.json"
     write_json(path, {"machine": machine_info(), **report.to_dict()})
+    save_outputs(run.out / plan.saved_outputs, report.reference, inputs, logits)
     facts = ParityFacts(passed=report.passed, inputs=report.inputs["description"], backends=tuple(
         BackendFacts(backend=f"{Path(r.model).name}@{r.provider}" if r.model else r.backend,
                      precision=r.precision, passed=r.passed, tolerance=r.tolerance,
@@ -187,7 +191,7 @@ def _parity(run: Run, plan: ParityPlan) -> Outcome:
     except CheckFailed as exc:
         exc.report = facts
         raise
-    return Outcome((path,), facts)
+    return Outcome((path, run.out / plan.saved_outputs), facts)
 
 
 def evaluate_plan(run: Run) -> EvaluateOptions:
@@ -289,6 +293,45 @@ def _triton(run: Run, plan: TritonPlan) -> Outcome:
                    TritonFacts(models=tuple(m.to_dict() for m in result.models)))
 
 
+@dataclass(frozen=True)
+class ServePlan:
+    """How the served repository is proven: the protocols its endpoints are asked over
+    and the tolerances (parity's) that the served answers must meet."""
+
+    protocols: tuple[str, ...]
+    tolerances: ToleranceOverrides
+
+
+def serve_plan(run: Run) -> ServePlan:
+    return ServePlan(("http", "grpc"), run.options.gate)
+
+
+def _serve(run: Run, plan: ServePlan) -> Outcome:
+    """A real Triton on the repository; parity's photos through ``<name>`` and
+    ``<name>_image`` of every model, judged against parity's reference outputs."""
+    from ..checks.parity import load_outputs
+    from ..serving.proof import prove_protocols
+    from ..serving.stub_env import unavailable
+
+    reason = unavailable()
+    if reason is not None:
+        raise StepSkipped(reason, ServeFacts(skipped=reason))
+    golden = load_outputs(run.out / PARITY_OUTPUTS)
+    photos = [run.images() / name for name in golden.names]
+    packaged = TritonFacts.from_dict(run.records["triton"].results).models
+    proof = prove_protocols(run.out / REPOSITORY, photos,
+                            {m["name"]: golden.logits for m in packaged},
+                            protocols=plan.protocols, overrides=plan.tolerances)
+    facts = ServeFacts(passed=bool(proof), triton=proof.triton,
+                       onnxruntime_backend=proof.onnxruntime_backend, images=proof.images,
+                       checks=tuple(c.to_dict() for c in proof.checks))
+    if proof.failures:
+        first = proof.failures[0]
+        raise CheckFailed(f"served {first.endpoint} ({first.sent}, {first.protocol}) differs "
+                          f"from {golden.reference}: {first.result.reason}", report=facts)
+    return Outcome((), facts)
+
+
 # --- the plan and the run ----------------------------------------------------------------
 
 def _quantize_inputs(run: Run) -> dict[str, Any]:
@@ -314,11 +357,15 @@ def steps(options: PipelineOptions) -> list[Step]:
             **r.models_input(), "eval_images": r.hashes.folder_input(r.options.eval_images)},
             _evaluate))
     plan.append(Step("bench", bench_plan, lambda r: r.models_input(), _bench))
+    if options.triton is not None:
+        plan.append(Step("triton", triton_plan, lambda r: r.models_input(), _triton))
+        plan.append(Step("serve", serve_plan, lambda r: {
+            "parity_outputs": r.artifact(PARITY_OUTPUTS, "parity"),
+            "repository": r.step_input("triton"),
+            "images": r.hashes.folder_input(r.images())}, _serve))
     reported = [s.name for s in plan]
     plan.append(Step("report", lambda r: None,
                      lambda r: {n: r.step_input(n) for n in reported}, _report))
-    if options.triton is not None:
-        plan.append(Step("triton", triton_plan, lambda r: r.models_input(), _triton))
     return plan
 
 

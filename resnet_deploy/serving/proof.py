@@ -24,9 +24,9 @@ from ..core.errors import UserError
 from ..core.metrics import CheckResult, ToleranceOverrides
 from ..core.progress import Progress, to_log
 from ..data.images import load_batch
-from ..runtime.runners import fill_batch
-from .image_endpoint import IMAGE_INPUT, image_name
-from .server import ServerOptions, TritonServer
+from ..runtime.runners import fill_batch, run_model
+from .image_endpoint import IMAGE_INPUT, image_name, is_image_config
+from .server import ServerOptions, TritonServer, repository_models
 from .triton import CONFIG_FILE, MODEL_FILE, VERSION, parse_config
 
 
@@ -119,6 +119,37 @@ def prove_repository(repository: str | Path, images: Sequence[Path],
     return ServedProof(str(repository), str(server.metadata().get("version", "?")),
                        server.onnxruntime_backend(), len(images), tuple(checks),
                        tuple(without))
+
+
+def prove_protocols(repository: str | Path, images: Sequence[Path],
+                    expected: Mapping[str, np.ndarray], *,
+                    protocols: Sequence[str] = ("http", "grpc"),
+                    overrides: ToleranceOverrides | None = None,
+                    options: ServerOptions = ServerOptions(),
+                    progress: Progress | None = None) -> ServedProof:
+    """:func:`prove_repository` over each of ``protocols`` on one server it starts and
+    stops: one proof holding every endpoint's check for every protocol."""
+    with TritonServer(repository, options, progress=progress) as server:
+        proofs = [prove_repository(repository, images, expected, protocol=protocol,
+                                   overrides=overrides, server=server, progress=progress)
+                  for protocol in protocols]
+    return dataclasses.replace(proofs[0], checks=tuple(c for p in proofs for c in p.checks))
+
+
+def inprocess_outputs(repository: str | Path, images: Sequence[Path],
+                      batch_size: int = 8) -> dict[str, np.ndarray]:
+    """What onnxruntime in this process gives on ``images`` for every model of the
+    repository but the ``<name>_image`` ones, each preprocessed as its model file records:
+    the answers a served repository must reproduce."""
+    outputs = {}
+    for name in repository_models(Path(repository)):
+        folder = Path(repository) / name
+        if is_image_config(parse_config(folder / CONFIG_FILE)):
+            continue
+        file = ModelFile.read(folder / VERSION / MODEL_FILE)
+        batch, _, _ = load_batch(images, file.spec(), strict=True)
+        outputs[name] = run_model(file, batch, batch_size)
+    return outputs
 
 
 def _prove_model(client: ServedClient, repository: Path, name: str, images: Sequence[Path],

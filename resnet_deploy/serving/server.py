@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -171,6 +172,7 @@ class TritonServer:
         self._started = 0.0
         self._tmp_before: set[Path] = set()
         self._tmp_ours: set[Path] | None = None
+        self._pycache_before: set[Path] = set()
 
     # --- what runs ---------------------------------------------------------------------
 
@@ -230,6 +232,7 @@ class TritonServer:
     def start(self) -> Self:
         binary, backends, environ, extra = self._binary_and_backends()
         self._tmp_before = set(self._python_env_dirs())
+        self._pycache_before = self._pycaches()
         self._started = time.time()
         begun = time.perf_counter()
         self.say(f"starting Triton on {self.repository}")
@@ -343,6 +346,9 @@ class TritonServer:
             return []
         return [self.proc.pid, *descendants(self.proc.pid)]
 
+    def _pycaches(self) -> set[Path]:
+        return set(self.repository.glob("*/*/**/__pycache__"))
+
     def _python_env_dirs(self) -> list[Path]:
         return list(PYTHON_ENV_TMP.glob(f"{PYTHON_ENV_PREFIX}*"))
 
@@ -396,6 +402,10 @@ class TritonServer:
             for folder in self._tmp_ours if self._tmp_ours is not None else self._new_tmp():
                 with contextlib.suppress(OSError):
                     folder.rmdir()  # only ever empty: never anyone's data
+            # The stub runs Python isolated (PYTHONDONTWRITEBYTECODE is ignored), so importing
+            # model.py writes bytecode into the repository: what serving it added goes.
+            for folder in self._pycaches() - self._pycache_before:
+                shutil.rmtree(folder, ignore_errors=True)
             if self._pump is not None:
                 self._pump.join(2)
             self.proc = None

@@ -99,6 +99,23 @@ def find_wheel() -> TritonWheel:
                        metadata.version("nvidia-pytriton"))
 
 
+def unavailable() -> str | None:
+    """Why nothing can be served here (the wheel or the clients of the serve extra are
+    missing), or None; without importing either."""
+    try:
+        find_wheel()
+    except UserError as exc:
+        return str(exc)
+    for module in ("tritonclient.http", "tritonclient.grpc"):
+        try:
+            found = util.find_spec(module) is not None
+        except ImportError:
+            found = False
+        if not found:
+            return f"{module} is not installed; {INSTALL_HINT}"
+    return None
+
+
 @dataclass(frozen=True)
 class Interpreter:
     """The CPython the stub env is made from: it must have a shared libpython, because the
