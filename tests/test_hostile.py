@@ -787,9 +787,13 @@ def _run_case(case: Case, world: World, monkeypatch: pytest.MonkeyPatch) -> Resu
     _assert_stderr(case, result, world)
     changed = {k for k in before if before[k] != after.get(k)}
     assert not changed, f"inputs changed or vanished: {sorted(changed)}"
-    new = set(after) - set(before)
+    # "FOLDER/**" in creates: that folder with whatever it holds.
+    trees = {c[:-3] for c in creates if c.endswith(os.sep + "**")}
+    creates -= {f"{t}{os.sep}**" for t in trees}
+    new = {k for k in set(after) - set(before)
+           if not any(k == t or k.startswith(t + os.sep) for t in trees)}
     new_files = {k for k in new if after[k] != "dir" or not any(
-        c == k or c.startswith(k + os.sep) for c in creates)}
+        c == k or c.startswith(k + os.sep) for c in creates | trees)}
     assert new_files == creates, f"new: {sorted(new_files)}, expected: {sorted(creates)}"
     return result
 
@@ -1161,7 +1165,7 @@ CASES = [
     Case("package-external-data-inlined", 13, "package --model {external} -o {out}/repo", 0,
          creates=tuple(f"{{out}}/repo/{f}" for f in (
              "README.md", "external/config.pbtxt", "external/labels.txt",
-             "external/1/model.onnx", "external_image")),
+             "external/1/model.onnx", "external_image/**")),
          check=lambda world, result: _serves(world, "external")),
     Case("package-external-data-missing", 13, "package --model {external_alone} "
          "-o {out}/repo", 2, says=("external.onnx.data",)),
