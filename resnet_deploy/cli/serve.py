@@ -116,23 +116,11 @@ def serve(repository: Path | None, host: str, http_port: int, grpc_port: int,
 
 
 def _check(repository: Path, folder: Path, limit: int, options: Any) -> Any:
-    from ..core.errors import CheckFailed
-    from ..data.images import list_images, seeded_subset
-    from ..serving.proof import inprocess_outputs, prove_protocols
+    from ..serving.proof import prove_against_inprocess
 
-    photos = seeded_subset(list_images(folder), limit)
-    if not photos:
-        raise UserError(f"{folder}: holds no image; point --check-images at a folder of photos")
     with terminal_progress() as progress:
-        expected = inprocess_outputs(repository, photos)
-        proof = prove_protocols(repository, photos, expected, options=options,
-                                progress=progress)
-    if not proof:
-        first = proof.failures[0]
-        raise CheckFailed(f"{repository}: {first.endpoint} ({first.sent}, {first.protocol}) "
-                          f"differs from onnxruntime in this process: {first.result.reason}",
-                          report=proof)
-    return proof
+        return prove_against_inprocess(repository, folder, limit=limit, options=options,
+                                       progress=progress)
 
 
 def render_proof(proof: Any) -> None:

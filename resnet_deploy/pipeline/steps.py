@@ -326,9 +326,7 @@ def _serve(run: Run, plan: ServePlan) -> Outcome:
                        onnxruntime_backend=proof.onnxruntime_backend, images=proof.images,
                        checks=tuple(c.to_dict() for c in proof.checks))
     if proof.failures:
-        first = proof.failures[0]
-        raise CheckFailed(f"served {first.endpoint} ({first.sent}, {first.protocol}) differs "
-                          f"from {golden.reference}: {first.result.reason}", report=facts)
+        raise CheckFailed(proof.failure_line(golden.reference), report=facts)
     return Outcome((), facts)
 
 

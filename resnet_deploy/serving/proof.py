@@ -20,10 +20,10 @@ import numpy as np
 
 from ..artifact.model_file import ModelFile
 from ..checks.served import ServedClient
-from ..core.errors import UserError
+from ..core.errors import CheckFailed, UserError
 from ..core.metrics import CheckResult, ToleranceOverrides
 from ..core.progress import Progress, to_log
-from ..data.images import load_batch
+from ..data.images import list_images, load_batch, seeded_subset
 from ..runtime.runners import fill_batch, run_model
 from .image_endpoint import IMAGE_INPUT, image_name, is_image_config
 from .server import ServerOptions, TritonServer, repository_models
@@ -69,6 +69,13 @@ class ServedProof:
     @property
     def failures(self) -> tuple[EndpointProof, ...]:
         return tuple(c for c in self.checks if not c)
+
+    def failure_line(self, reference: str) -> str:
+        """The first failing endpoint in one line, against ``reference`` (what it should
+        have matched): the message of the CheckFailed the callers raise."""
+        first = self.failures[0]
+        return (f"served {first.endpoint} ({first.sent}, {first.protocol}) differs from "
+                f"{reference}: {first.result.reason}")
 
     def to_dict(self) -> dict[str, Any]:
         return {"repository": self.repository, "triton": self.triton,
@@ -134,6 +141,23 @@ def prove_protocols(repository: str | Path, images: Sequence[Path],
                                    overrides=overrides, server=server, progress=progress)
                   for protocol in protocols]
     return dataclasses.replace(proofs[0], checks=tuple(c for p in proofs for c in p.checks))
+
+
+def prove_against_inprocess(repository: str | Path, folder: str | Path, *, limit: int = 64,
+                            options: ServerOptions = ServerOptions(),
+                            progress: Progress | None = None) -> ServedProof:
+    """Try a repository before shipping it: a seeded subset of at most ``limit`` photos of
+    ``folder`` through every endpoint over HTTP and gRPC, against onnxruntime in this
+    process. A failing endpoint raises CheckFailed carrying the proof."""
+    photos = seeded_subset(list_images(folder), limit)
+    if not photos:
+        raise UserError(f"{folder}: holds no image; point `folder` at a folder of photos")
+    expected = inprocess_outputs(repository, photos)
+    proof = prove_protocols(repository, photos, expected, options=options, progress=progress)
+    if proof.failures:
+        raise CheckFailed(f"{repository}: {proof.failure_line('onnxruntime in this process')}",
+                          report=proof)
+    return proof
 
 
 def inprocess_outputs(repository: str | Path, images: Sequence[Path],
