@@ -15,7 +15,7 @@ import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -28,6 +28,9 @@ from ..data.images import list_images, load_batch, seeded_subset
 from ..data.spec import PreprocessSpec
 from ..runtime.providers import provider_name, short_provider
 from ..runtime.runners import OrtRunner, Runner, TorchRunner, torch_devices
+
+if TYPE_CHECKING:
+    from .layerwise import LayerReport
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,8 @@ class BackendResult:
     skipped: str | None = None
     kind: str = "logits"  # what the output is: class scores, or an embedding (no top-1)
     arch: str | None = None
+    # Layer by layer against the reference (``layerwise``), or why this pair has none.
+    layerwise: LayerReport | str | None = None
 
     @property
     def passed(self) -> bool | None:
@@ -69,6 +74,10 @@ class BackendResult:
         if self.check is not None:
             data.update(self.check.to_dict())
         data.update(skipped=self.skipped, passed=self.passed)
+        if isinstance(self.layerwise, str):
+            data["layerwise"] = {"unavailable": self.layerwise}
+        elif self.layerwise is not None:
+            data["layerwise"] = self.layerwise.to_dict()
         return data
 
 
@@ -109,6 +118,10 @@ class ParityOptions:
     # compare is complete, not an error.
     save_reference: bool = False
     output_name: str | None = None  # the output to read in models with several
+    # Layer by layer for every pair, on the first ``layerwise_images`` inputs: information
+    # only, it never changes a verdict.
+    layerwise: bool = False
+    layerwise_images: int = 8
 
 
 class Inputs:
@@ -124,6 +137,7 @@ class Inputs:
         self.names: list[str] = []
         self.hashes: list[str] = []
         self.skipped: list[Path] = []
+        self.used: list[Path] = []
 
     @property
     def planned(self) -> int:
@@ -137,7 +151,7 @@ class Inputs:
 
     def batches(self, size: int) -> Iterator[np.ndarray]:
         """Every input once, ``size`` at a time (one decode per image, shared by backends)."""
-        self.names, self.hashes, self.skipped = [], [], []
+        self.names, self.hashes, self.skipped, self.used = [], [], [], []
         rng = np.random.default_rng(self.seed)  # chunked draws equal random_inputs' one draw
         for start in range(0, self.planned, size):
             stop = min(start + size, self.planned)
@@ -149,6 +163,7 @@ class Inputs:
                 batch, used, bad = load_batch(self.paths[start:stop], self.spec,
                                               strict=self.strict)
                 self.skipped += bad
+                self.used += used
                 names = [_relative(p, self.root) for p in used]
                 if not used:
                     continue
@@ -160,6 +175,14 @@ class Inputs:
         if not self.names:
             raise UserError(f"{self.root}: holds no readable image; point `images` at a folder "
                             "of photos")
+
+
+    def first(self, count: int) -> Inputs:
+        """The first ``count`` inputs of a finished pass, as new inputs: the same random draws
+        or the same readable photos (none decoded twice in vain, no skip warned twice)."""
+        if self.random_count is not None:
+            return Inputs(self.spec, random_count=min(count, self.random_count), seed=self.seed)
+        return Inputs(self.spec, paths=self.used[:count], root=self.root, seed=self.seed)
 
 
 def _relative(path: Path, root: Path | None) -> str:
@@ -284,9 +307,13 @@ def run_parity(models: Sequence[ModelFile], *, inputs: Inputs, weights_model: An
     else:
         logits = np.concatenate(references)
     report.inputs = {"description": inputs.description, "count": len(inputs.names)}
-    for (row, _), collected in zip(candidates, outputs, strict=True):
-        report.results.append(_judge(row, logits, np.concatenate(collected),
-                                     options.tolerances, reference.precision))
+    judged = [_judge(row, logits, np.concatenate(collected), options.tolerances,
+                     reference.precision)
+              for (row, _), collected in zip(candidates, outputs, strict=True)]
+    if options.layerwise and reference.runner is not None and candidates:
+        judged = _layer_by_layer(judged, [runner for _, runner in candidates], reference,
+                                 inputs.first(options.layerwise_images), options, report)
+    report.results += judged
     if not report.results:
         if not options.save_reference:
             raise UserError("nothing was compared with the reference; add `models`, `weights` "
@@ -294,6 +321,26 @@ def run_parity(models: Sequence[ModelFile], *, inputs: Inputs, weights_model: An
         report.notes.append(f"only the reference ({reference.name}) ran, so nothing was "
                             "compared; its outputs are saved for a later `load_outputs`")
     return report, logits
+
+
+def _layer_by_layer(rows: Sequence[BackendResult], runners: Sequence[Runner],
+                    reference: _Reference, inputs: Inputs, options: ParityOptions,
+                    report: ParityReport) -> list[BackendResult]:
+    """``rows`` with their layer-by-layer comparison against the reference, run after every
+    parity session is released (each side opens its own, with the extra outputs)."""
+    from .layerwise import INT8_NOTE, compare_layers
+
+    assert reference.runner is not None
+    log.info("layerwise: %d pair(s) on up to %d inputs", len(rows), options.layerwise_images)
+    layers = compare_layers(reference.runner,
+                            [(runner, row.precision) for row, runner in zip(rows, runners,
+                                                                             strict=True)],
+                            inputs, options.batch_size, options.tolerances,
+                            reference.precision)
+    if "int8" in {reference.precision, *(row.precision for row in rows)}:
+        report.notes.append(INT8_NOTE)
+    return [dataclasses.replace(row, layerwise=found)
+            for row, found in zip(rows, layers, strict=True)]
 
 
 @dataclass(frozen=True)
@@ -393,6 +440,11 @@ def compare_backends(models: Sequence[str | Path], *, weights: str | None = None
         raise UserError("give either `images` or `random_count`, not both")
     if load_outputs_from is not None and (weights or options.reference):
         raise UserError("`load_outputs` is the reference; drop `weights`/`reference`")
+    if load_outputs_from is not None and options.layerwise:
+        raise UserError("`layerwise` needs a reference that runs, and golden outputs hold only "
+                        "logits; drop `load_outputs` and give `weights` or a reference model")
+    if options.layerwise and options.layerwise_images < 1:
+        raise UserError("`layerwise_images` must be at least 1")
     if not models and weights is None:
         raise UserError("nothing to compare: give `models` (and/or `weights`)")
     files = [ModelFile.read(path, options.output_name) for path in models]

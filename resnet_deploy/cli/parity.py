@@ -15,6 +15,7 @@ from .options import (DEFAULT_IMAGES, FilePath, Finite, build_spec, describe_mac
                       provider_option, random_banner, weights_option, write_json_if)
 
 if TYPE_CHECKING:
+    from ..checks.layerwise import LayerReport
     from ..checks.parity import ParityReport
 
 
@@ -49,6 +50,12 @@ if TYPE_CHECKING:
 @click.option("--strict", is_flag=True, help="An unreadable image is an error, not a skip.")
 @click.option("--skip-unavailable", is_flag=True,
               help="Report a provider that cannot run as skipped instead of failing.")
+@click.option("--layerwise", is_flag=True,
+              help="Also compare every layer of each pair, named by its PyTorch module, and "
+                   "name the first divergence (see below).")
+@click.option("--layerwise-images", type=click.IntRange(min=1), default=None,
+              help="How many of the inputs --layerwise uses (default 8; separate from "
+                   "--limit).")
 @preprocess_options()
 @output_name_option
 @json_option
@@ -56,7 +63,8 @@ def parity(models: tuple[Path, ...], weights: str | None, providers: tuple[str, 
            reference: str | None, images: Path | None, random_count: int | None,
            limit: int | None, batch_size: int, atol: float | None, rtol: float | None,
            min_cosine: float | None, min_top1: float | None, save_outputs: Path | None,
-           load_outputs: Path | None, strict: bool, skip_unavailable: bool, input_size: int | None,
+           load_outputs: Path | None, strict: bool, skip_unavailable: bool, layerwise: bool,
+           layerwise_images: int | None, input_size: int | None,
            resize_size: int | None, mean: Any, std: Any, output_name: str | None,
            json_path: Path | None) -> None:
     """Check that every backend gives the same logits as the reference.
@@ -66,12 +74,22 @@ def parity(models: tuple[Path, ...], weights: str | None, providers: tuple[str, 
     >= 99%; INT8 1st-percentile cosine >= 0.97 and top-1 >= 97%. Exit 0 when all pass, 1
     when any fails, 2 for bad input or a provider that cannot run.
 
+    --layerwise compares the output of every conv (BatchNorm folded in), residual add,
+    pooling and fc of each pair on --layerwise-images inputs, one batch at a time, and
+    names the first divergence: the first layer in graph order that fails while every
+    layer before it passes. A layer passes by its pair's precision: FP32 max |diff| <=
+    rtol x max |reference tensor|; FP16 and INT8 by the per-image cosine floor (worst
+    image for FP16, 1st percentile for INT8); --atol/--rtol/--min-cosine apply. FP32 vs
+    INT8 also ranks where quantization error enters (SQNR dB each layer adds). It only
+    adds information: the exit code is parity's.
+
     \b
     Examples:
       resnet-deploy parity --weights imagenet --model artifacts/resnet18.onnx \\
           --model artifacts/resnet18.int8.onnx --providers cpu,cuda
       resnet-deploy parity --model a.onnx --random 32 --save-outputs golden.npz
       resnet-deploy parity --model a.onnx --random 32 --load-outputs golden.npz
+      resnet-deploy parity --weights ckpt.pth --model a.int8.onnx --layerwise
     """
     check_outputs({"--json": json_path, "--save-outputs": save_outputs},
                   [*models, load_outputs, images,
@@ -84,11 +102,19 @@ def parity(models: tuple[Path, ...], weights: str | None, providers: tuple[str, 
             raise UserError(f"no --images given and ./{DEFAULT_IMAGES} does not exist here; "
                             "pass --images DIR or --random N")
         images = DEFAULT_IMAGES
+    if layerwise_images is not None and not layerwise:
+        raise UserError("--layerwise-images says how many inputs --layerwise uses; add "
+                        "--layerwise")
+    if layerwise and load_outputs is not None:
+        raise UserError(f"{load_outputs}: golden outputs hold only logits, so --layerwise has "
+                        "no reference layers; drop --load-outputs and give --weights or a "
+                        "reference --model")
     options = ParityOptions(
         providers=providers, reference=reference, batch_size=batch_size,
         tolerances=ToleranceOverrides(atol, rtol, min_cosine, min_top1),
         skip_unavailable=skip_unavailable, save_reference=save_outputs is not None,
-        output_name=output_name)
+        output_name=output_name, layerwise=layerwise,
+        layerwise_images=layerwise_images or ParityOptions.layerwise_images)
     report = compare_backends(models, weights=weights, images=images,
                               random_count=random_count, limit=limit,
                               spec=build_spec(input_size, resize_size, mean, std),
@@ -122,7 +148,39 @@ def render_parity(report: ParityReport) -> None:
             emit(f"  {r.backend} FAILED [{r.tolerance}]: {'; '.join(r.failures)}")
         if r.skipped:
             emit(f"  {r.backend} skipped: {r.skipped}")
+    for r in report.results:
+        if r.layerwise is not None:
+            render_layers(r.backend, report.reference, r.layerwise)
     for note in report.notes:
         emit(f"note: {note}")
     emit("parity: nothing compared" if not report.results else
          "parity: PASS" if report.passed else "parity: FAIL")
+
+
+def render_layers(backend: str, reference: str, layers: LayerReport | str) -> None:
+    """One pair layer by layer: the first divergence, then the layers most worth a look."""
+    from ..checks.layerwise import SHOWN
+    from ..core.render import Column, format_table
+
+    if isinstance(layers, str):
+        emit(f"layerwise {backend} vs {reference}: none ({layers})")
+        return
+    emit(f"layerwise {backend} vs {reference}: {len(layers.layers)} layers on "
+         f"{layers.images} inputs, each judged by {layers.tolerance.describe()}"
+         + (f"; {layers.skipped} points with no counterpart" if layers.skipped else ""))
+    first = layers.first_divergence
+    emit("  first divergence: " + ("none, every layer passes" if first is None else
+                                   f"{first.label} ({first.op})"))
+    title = "where INT8 error enters (most SQNR added first)" if layers.budget else \
+        "the worst layers"
+    emit(f"  {title}, {min(SHOWN, len(layers.layers))} of {len(layers.layers)}:")
+    rows = [{**row.to_dict(layers.budget), "label": row.label,
+             "verdict": "PASS" if row.passes else "FAIL"} for row in layers.worst()]
+    budget = [Column("sqnr_db", "SQNR dB", "number"), Column("added_db", "added dB", "number")] \
+        if layers.budget else [Column("sqnr_db", "SQNR dB", "number")]
+    emit(format_table(rows, [
+        Column("label", "layer [node]"), Column("op", "op"),
+        Column("max_abs_rel", "max|diff|/max|ref|", "error"),
+        Column("worst_cosine", "worst cosine", "cosine"),
+        Column("cosine_p1", "cosine p1", "cosine"), *budget,
+        Column("verdict", "verdict")]))

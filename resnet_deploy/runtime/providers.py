@@ -81,6 +81,9 @@ class SessionConfig:
     # quantized model's arithmetic without the CPU's int8 kernels, so a CPU whose kernels
     # saturate (AVX2, AVX-512 without VNNI) can still measure what VNNI, AMX or TensorRT get.
     simulate_int8: bool = False
+    # False: ORT's graph optimisations off (no fusions, no constant folding), a reference
+    # that tells a fusion's error from the model's.
+    optimize: bool = True
 
 
 def _provider_chain(full: str, cfg: SessionConfig) -> list[Any]:
@@ -121,6 +124,8 @@ def create_session(model: str | Path | bytes, provider: str = "cpu",
     if config.threads:
         opts.intra_op_num_threads = config.threads
         opts.inter_op_num_threads = 1
+    if not config.optimize:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if config.simulate_int8:
         opts.add_session_config_entry("session.disable_quant_qdq", "1")
     if config.profile:
