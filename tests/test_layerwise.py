@@ -213,3 +213,24 @@ def test_layerwise_usage_errors_exit_2(random_onnx: Path, tmp_path: Path,
     result = run("parity", "--model", random_onnx, "--random", "2", *argv)
     assert result.exit_code == 2 and message in result.output, result.output
     assert "Traceback" not in result.output
+
+
+def test_a_graph_with_unnamed_nodes(random_onnx: Path, tmp_path: Path) -> None:
+    """Nodes left unnamed, as some tools make them, so no layer name applies: PyTorch has
+    nothing to match (said, and parity's verdict stands); the named copy of the same graph
+    matches every point by tensor and lends its layer names."""
+    model = onnx.load(str(random_onnx))
+    for node in model.graph.node:
+        node.name = ""
+    unnamed = tmp_path / "unnamed.onnx"
+    onnx.save(model, str(unnamed))
+    size = ("--random", "4")
+    result, [reason] = layerwise(tmp_path, "--weights", "random", "--model", unnamed, *size)
+    assert result.exit_code == 0, result.output
+    assert "no layer names" in reason["unavailable"] and "--reference" in result.output
+    result, [report] = layerwise(tmp_path, "--reference", f"{random_onnx}@cpu", "--model",
+                                 unnamed, *size)
+    assert result.exit_code == 0, result.output
+    assert report["skipped_points"] == 0 and report["first_divergence"] is None
+    assert [row["layer"] for row in report["layers"] if row["op"] in ("Conv", "Gemm")] == \
+        conv_modules(random_onnx)

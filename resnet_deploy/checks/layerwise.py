@@ -17,6 +17,7 @@ memory holds one batch of intermediates whatever the number of images.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -115,23 +116,29 @@ class _Wiring:
         return found[tensor]
 
 
+def _key(node: onnx.NodeProto) -> str:
+    """A node's name, or its output's where it has none (a graph made elsewhere may leave
+    nodes unnamed; an output name is unique by ONNX's rules)."""
+    return node.name or node.output[0]
+
+
 def graph_points(model: onnx.ModelProto, names: Mapping[str, str]) -> GraphPoints:
     """Every compared point of ``model`` in graph (topological) order."""
     graph = model.graph
     initializers = {init.name for init in graph.initializer}
     image = next(i.name for i in graph.input if i.name not in initializers)
     wiring = _Wiring(graph)
-    anchors = [n for n in graph.node if n.op_type in ANCHORS and n.name]
+    anchors = [n for n in graph.node if n.op_type in ANCHORS]
     found: dict[str, str] = {}  # tensor (FP32 name or its dequantized one) -> anchor node
     exposed: dict[str, str] = {}
     for node in anchors:
         end = wiring.chain_end(node.output[0])
-        exposed[node.name] = wiring.dequantized(end)
-        found[end] = found[exposed[node.name]] = node.name
+        exposed[_key(node)] = wiring.dequantized(end)
+        found[end] = found[exposed[_key(node)]] = _key(node)
     points = []
     for node in anchors:
         feeding = [wiring.source(t, found, image) for t in node.input if t not in initializers]
-        points.append(Point(node.name, node.op_type, exposed[node.name], names.get(node.name),
+        points.append(Point(_key(node), node.op_type, exposed[_key(node)], names.get(node.name),
                             tuple(dict.fromkeys(s for s in feeding if s))))
     input_tensor = wiring.dequantized(image)
     return GraphPoints(tuple(points), input_tensor if input_tensor != image else None)
@@ -450,6 +457,9 @@ def compare_layers(reference: Runner, candidates: Sequence[tuple[Runner, str]], 
         else:
             plans.append("two PyTorch backends: no ONNX graph to take the points from")
             continue
+        if not points:
+            plans.append(_nothing_shared(reference, runner))
+            continue
         pair_precision = max(precision, reference_precision, key=PRECISIONS.index)
         plans.append(_Pair(reference, side, points, skipped,
                            overrides.for_precision(pair_precision, "features"),
@@ -463,17 +473,34 @@ def compare_layers(reference: Runner, candidates: Sequence[tuple[Runner, str]], 
     return [p if isinstance(p, str) else p.report(images) for p in plans]
 
 
+def _nothing_shared(reference: Runner, candidate: Runner) -> str:
+    """Why a pair has no layer in common."""
+    if isinstance(reference, TorchRunner) or isinstance(candidate, TorchRunner):
+        model = candidate if isinstance(candidate, OrtRunner) else reference
+        return (f"no node of {model.name} is named by a PyTorch module (a model made "
+                "elsewhere keeps no layer names), so none matches a PyTorch layer; compare "
+                "it layer by layer with another model of the same graph (--reference)")
+    return (f"{reference.name} and {candidate.name} share no layer (no node of the same "
+            "name and op): they are different graphs")
+
+
 def _torch(runner: Runner) -> TorchRunner:
     assert isinstance(runner, TorchRunner)
     return runner
 
 
 def _common(graph: GraphPoints, other: GraphPoints) -> tuple[list[tuple[Point, str, str]], int]:
-    """The points two graphs share (same anchor node, same op), and how many one lacks."""
-    theirs = other.by_node
-    matched = [(p, p.node, p.node) for p in graph.points
-               if p.node in theirs and theirs[p.node].op == p.op]
-    return matched, len(graph.points) + len(theirs) - 2 * len(matched)
+    """The points two graphs share, as (``graph``'s point, ``other``'s key, ``graph``'s
+    key): the same anchor node and op, else (nodes left unnamed) the same tensor and op;
+    and how many points one graph has and the other lacks."""
+    by_node, by_tensor = other.by_node, {p.tensor: p for p in other.points}
+    matched = []
+    for point in graph.points:
+        theirs = by_node.get(point.node) or by_tensor.get(point.tensor)
+        if theirs is not None and theirs.op == point.op:  # named by whichever side knows
+            named = point if point.module else dataclasses.replace(point, module=theirs.module)
+            matched.append((named, theirs.node, point.node))
+    return matched, len(graph.points) + len(other.points) - 2 * len(matched)
 
 
 def _in_torch(graph: GraphPoints, module: nn.Module,
