@@ -181,20 +181,21 @@ def test_accuracy_aware_fallback_is_reported_and_capped(fp32: Path, image_folder
     steps = data["steps"]
     assert len(steps) == 3 and steps[0]["fp32_nodes"] == []
     assert [len(s["fp32_nodes"]) for s in steps] == [0, 1, 2]
-    table = data["sensitivity"]
+    table = data["error_budget"]  # every conv and the fc, where most error enters first
     assert len(table) == 21 and {r["op_type"] for r in table} == {"Conv", "Gemm"}
     assert [r["rank"] for r in table] == list(range(1, 22))
-    errors = [r["error"] for r in table]
-    assert errors == sorted(errors, reverse=True)
+    added = [r["added_db"] for r in table]
+    assert None not in added and added == sorted(added, reverse=True) and added[0] > 0
     assert steps[2]["fp32_nodes"] == [table[0]["node"], table[1]["node"]]
     assert data["fallback_nodes"] == steps[2]["fp32_nodes"]
     assert data["accuracy"]["n"] == PHOTOS
-    assert "most sensitive layers" in result.output and "accuracy-aware fallback" in result.output
+    assert "where INT8 error enters" in result.output
+    assert "accuracy-aware fallback" in result.output
     # Every node shown is named after its PyTorch module, as recorded at export.
     layers = read_metadata(fp32).extra["layers"]
     assert all(row["module"] == layers[row["node"]] for row in table)
     first = f"{table[0]['module']} ({table[0]['node']})"
-    assert result.output.count(first) >= 3  # sensitivity, fallback step, target line
+    assert result.output.count(first) >= 3  # error budget, fallback step, target line
     assert "MISSED" in result.output
 
 
@@ -204,7 +205,7 @@ def test_accuracy_target_already_met_keeps_everything_int8(fp32: Path, image_fol
     result = quantize(fp32, CALIBRATION, out, options=QuantizeOptions(
         num_samples=8, eval_images=image_folder, max_top1_drop=100.0))
     assert result.target_met is True and result.fallback_nodes == ()
-    assert len(result.steps) == 1 and result.sensitivity == ()
+    assert len(result.steps) == 1 and result.error_budget == ()
     assert out.is_file() and result.accuracy["n"] == PHOTOS
 
 

@@ -19,22 +19,21 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from ..artifact.layers import for_model
 from ..artifact.metadata import load_onnx, metadata_from_proto
-from ..core.metrics import Tolerance, ToleranceOverrides, round_sig
+from ..core.metrics import Tolerance, ToleranceOverrides, looser, round_sig
 from ..runtime.runners import OrtRunner, Runner, TorchRunner
 
 if TYPE_CHECKING:
     import onnx
     from torch import nn
 
-    from .parity import Inputs
 
 # The nodes whose outputs are compared, and what may follow one before its point is read.
 ANCHORS = frozenset({"Conv", "Gemm", "MaxPool", "GlobalAveragePool", "ReduceMean", "Add"})
@@ -50,6 +49,15 @@ INT8_NOTE = ("layerwise INT8 intermediates run unfused (their QDQ tensors are gr
              "which stops onnxruntime fusing them), like quantize's simulated check: on an "
              "AVX2 CPU they miss the int16 saturation of the fused int8 kernels, so a layer "
              "can look better here than the model runs")
+
+
+class Batches(Protocol):
+    """Inputs that stream: parity's photos or random draws, quantize's held-out arrays.
+    ``names`` holds one entry per input once a pass has ended."""
+
+    names: list[str]
+
+    def batches(self, size: int) -> Iterator[np.ndarray]: ...
 
 
 @dataclass(frozen=True)
@@ -425,7 +433,8 @@ class _Pair:
                            tuple(rows), self.skipped, self.budget)
 
 
-def compare_layers(reference: Runner, candidates: Sequence[tuple[Runner, str]], inputs: Inputs,
+def compare_layers(reference: Runner, candidates: Sequence[tuple[Runner, str]],
+                   inputs: Batches,
                    batch_size: int, overrides: ToleranceOverrides,
                    reference_precision: str = "fp32") -> list[LayerReport | str]:
     """Each candidate (a runner and its precision) against ``reference``, layer by layer.
@@ -434,8 +443,6 @@ def compare_layers(reference: Runner, candidates: Sequence[tuple[Runner, str]], 
     extra outputs) or hooks, so a run without layerwise is untouched. Returns a report per
     candidate, or the reason it has none (two PyTorch backends have no graph to take the
     points from)."""
-    from .parity import PRECISIONS
-
     ref_graph = OnnxSide(reference) if isinstance(reference, OrtRunner) else None
     ref_targets: list[tuple[str, int]] = []  # what the hooks of a PyTorch reference copy
     plans: list[_Pair | str] = []
@@ -460,7 +467,7 @@ def compare_layers(reference: Runner, candidates: Sequence[tuple[Runner, str]], 
         if not points:
             plans.append(_nothing_shared(reference, runner))
             continue
-        pair_precision = max(precision, reference_precision, key=PRECISIONS.index)
+        pair_precision = looser(precision, reference_precision)
         plans.append(_Pair(reference, side, points, skipped,
                            overrides.for_precision(pair_precision, "features"),
                            budget={precision, reference_precision} == {"fp32", "int8"}))
@@ -510,7 +517,7 @@ def _in_torch(graph: GraphPoints, module: nn.Module,
     return hooked, len(graph.points) - len(hooked)
 
 
-def _stream(reference: OnnxSide | TorchSide, pairs: Sequence[_Pair], inputs: Inputs,
+def _stream(reference: OnnxSide | TorchSide, pairs: Sequence[_Pair], inputs: Batches,
             batch_size: int) -> int:
     """Each batch once through the reference and every candidate, one batch of
     intermediates in memory; returns the number of images."""

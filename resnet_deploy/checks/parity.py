@@ -22,7 +22,7 @@ import numpy as np
 from ..artifact.model_file import ModelFile
 from ..core.errors import CheckFailed, ProviderUnavailable, UserError
 from ..core.files import atomic_output
-from ..core.metrics import CheckResult, Comparison, ToleranceOverrides
+from ..core.metrics import CheckResult, Comparison, ToleranceOverrides, looser
 from ..data.folders import warn_skipped
 from ..data.images import list_images, load_batch, seeded_subset
 from ..data.spec import PreprocessSpec
@@ -267,17 +267,12 @@ def load_outputs(path: Path) -> Golden:
     return Golden(Path(path), f"{reference} (golden outputs from {path})", logits, hashes, names)
 
 
-# From strictest to loosest: a pair is judged by the looser of its two precisions, so an
-# FP32 model compared with an INT8 reference gets INT8's tolerance, as the other way round.
-PRECISIONS = ("fp32", "fp16", "int8")
-
-
 def _judge(row: BackendResult, reference: np.ndarray, outputs: np.ndarray,
            overrides: ToleranceOverrides, reference_precision: str = "fp32") -> BackendResult:
     if outputs.shape != reference.shape:
         raise UserError(f"{row.backend}: outputs have shape {outputs.shape} but the reference "
                         f"has {reference.shape}; the weights and the model disagree on classes")
-    precision = max(row.precision, reference_precision, key=PRECISIONS.index)
+    precision = looser(row.precision, reference_precision)
     check = CheckResult.judge(f"{row.backend} vs the reference", reference, outputs,
                               overrides.for_precision(precision, row.kind))
     return dataclasses.replace(row, check=check)

@@ -47,8 +47,9 @@ if TYPE_CHECKING:
               help="Images for the INT8-vs-FP32 check [default: calibration images not "
                    "used]; an ImageFolder also gives top-1.")
 @click.option("--max-top1-drop", type=Finite(0, 100), default=None, metavar="PT",
-              help="Accuracy-aware mode: keep the most sensitive nodes in FP32 until the "
-                   "top-1 drop on --eval-images (an ImageFolder) is at most PT points.")
+              help="Accuracy-aware mode: keep the nodes where most INT8 error enters in FP32 "
+                   "until the top-1 drop on --eval-images (an ImageFolder) is at most PT "
+                   "points.")
 @click.option("--max-fallback", type=click.IntRange(min=0), default=5, show_default=True,
               metavar="K", help="At most K nodes kept in FP32 by --max-top1-drop.")
 @int8_gate_options
@@ -74,8 +75,10 @@ def quantize(model: Path, calibration: Path, output: Path | None, method: Method
     seeded 20% of the folder when it would use them all). The model is written only when
     the check meets the INT8 tolerances (top-1 agreement >= 97%, 1st-percentile cosine >=
     0.97; --min-top1 and --min-cosine override them); otherwise exit 1, with the settings
-    that would have passed. With --max-top1-drop, nodes ranked by sensitivity stay FP32
-    until the target is met, or the command fails (exit 1) and writes no model.
+    that would have passed. With --max-top1-drop, the convs and the fc where most INT8
+    error enters (the SQNR each adds, FP32 vs INT8 layer by layer, as parity --layerwise
+    shows) stay FP32 one at a time until the target is met, or the command fails (exit 1)
+    and writes no model.
 
     \b
     Examples:
@@ -134,17 +137,17 @@ def render_quantize(result: QuantizeResult) -> None:
         a = result.accuracy
         emit(f"top-1 on {a['n']} labelled images: FP32 {share(a['fp32_top1'])}, INT8 "
              f"{share(a['int8_top1'])} (drop {a['top1_drop_pt']:.2f} points)")
-    if result.sensitivity:
-        emit("most sensitive layers (output error when only that layer is quantized):")
+    if result.error_budget:
+        emit("where INT8 error enters (FP32 vs INT8 layer by layer, most SQNR added first):")
         emit(format_table([{**row, "layer": display(row["node"], result.layers)}
-                           for row in result.sensitivity[:10]], [
+                           for row in result.error_budget[:10]], [
             Column("rank", "rank", "int"), Column("layer", "layer (ONNX node)"),
             Column("op_type", "op"),
-            Column("error", "1 - mean cosine", "error",
-                   "how far the logits turn when only this layer is INT8 (0 = not at all)"),
-            Column("max_abs_diff", "largest abs diff", "error"),
-            Column("top1_agreement", "matches on top-1", "share",
-                   "images where FP32 and this one-layer INT8 pick the same class")]))
+            Column("added_db", "added dB", "number",
+                   "how much this layer lowers the SQNR (signal to INT8 error, in dB) of "
+                   "what it reads; the fallback keeps the largest in FP32 first"),
+            Column("sqnr_db", "SQNR dB", "number"),
+            Column("cosine_p1", "cosine p1", "cosine")]))
     if len(result.steps) > 1:
         emit("accuracy-aware fallback:")
         emit(format_table([{"step": i, "kept": len(st.fp32_nodes),

@@ -267,6 +267,16 @@ class ToleranceOverrides:
 #   --method entropy (clips the post-ReLU tails)   91.98%       / 0.764          fail
 # Either rule alone fails both bad models; 0.97 leaves room for 1000-class models, whose
 # near-tied logits flip top-1 more often.
+# From strictest to loosest: a pair is judged by the looser of its two precisions, so an
+# FP32 model compared with an INT8 reference gets INT8's tolerance, as the other way round.
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+def looser(*precisions: str) -> str:
+    """The precision a pair (or more) is judged by: the loosest of theirs."""
+    return max(precisions, key=PRECISIONS.index)
+
+
 TOLERANCES: dict[str, Tolerance] = {
     "fp32": Tolerance(rtol=1e-4, min_top1=1.0),
     "fp16": Tolerance(min_cosine=0.999, min_top1=0.99),

@@ -43,7 +43,7 @@ class QuantizeResult:
     held_out: int = 0
     notes: tuple[str, ...] = ()
     accuracy: dict[str, Any] | None = None
-    sensitivity: tuple[dict[str, Any], ...] = ()
+    error_budget: tuple[dict[str, Any], ...] = ()  # the fallback's ranking
     steps: tuple[FallbackStep, ...] = ()
     fallback_nodes: tuple[str, ...] = ()
     excluded: tuple[str, ...] = ()  # nodes kept in FP32 by --exclude
@@ -64,7 +64,7 @@ class QuantizeResult:
             "check": self.check.to_dict() if self.check is not None else None,
             "check_note": self.check_note, "held_out": self.held_out, "notes": list(self.notes),
             "accuracy": self.accuracy,
-            "sensitivity": list(self.sensitivity), "steps": [s.to_dict() for s in self.steps],
+            "error_budget": list(self.error_budget), "steps": [s.to_dict() for s in self.steps],
             "fallback_nodes": list(self.fallback_nodes), "excluded": list(self.excluded),
             "target_met": self.target_met,
         }
@@ -197,7 +197,7 @@ def quantize(model: str | Path, calibration: str | Path, output: str | Path | No
             check_note="" if options.check else
             "skipped (`check`): the INT8 model was not compared with FP32",
             held_out=gate.held_out, notes=gate.notes, accuracy=gate.accuracy,
-            sensitivity=tuple({**row, "module": prepared.names.get(row["node"])}
+            error_budget=tuple({**row, "module": prepared.names.get(row["node"])}
                               for row in gate.fallback.table),
             steps=tuple(gate.fallback.steps), fallback_nodes=tuple(gate.fallback.nodes),
             target_met=gate.fallback.met, layers=prepared.names, excluded=options.exclude)
