@@ -16,10 +16,10 @@ from onnx import numpy_helper
 
 from resnet_deploy.artifact.layers import for_model
 from resnet_deploy.artifact.model_file import ModelFile
-from resnet_deploy.checks.layerwise import compare_layers, graph_points
 from resnet_deploy.checks.parity import make_inputs
 from resnet_deploy.cli import main
 from resnet_deploy.core.metrics import ToleranceOverrides
+from resnet_deploy.runtime.layerwise import compare_layers, graph_points
 from resnet_deploy.runtime.providers import SessionConfig
 from resnet_deploy.runtime.runners import OrtRunner
 

@@ -30,7 +30,7 @@ from ..runtime.providers import provider_name, short_provider
 from ..runtime.runners import OrtRunner, Runner, TorchRunner, torch_devices
 
 if TYPE_CHECKING:
-    from .layerwise import LayerReport
+    from ..runtime.layerwise import LayerReport
 
 log = logging.getLogger(__name__)
 
@@ -323,7 +323,7 @@ def _layer_by_layer(rows: Sequence[BackendResult], runners: Sequence[Runner],
                     report: ParityReport) -> list[BackendResult]:
     """``rows`` with their layer-by-layer comparison against the reference, run after every
     parity session is released (each side opens its own, with the extra outputs)."""
-    from .layerwise import INT8_NOTE, compare_layers
+    from ..runtime.layerwise import INT8_NOTE, compare_layers
 
     assert reference.runner is not None
     log.info("layerwise: %d pair(s) on up to %d inputs", len(rows), options.layerwise_images)

@@ -15,8 +15,8 @@ from .options import (DEFAULT_IMAGES, FilePath, Finite, build_spec, describe_mac
                       provider_option, random_banner, weights_option, write_json_if)
 
 if TYPE_CHECKING:
-    from ..checks.layerwise import LayerReport
     from ..checks.parity import ParityReport
+    from ..runtime.layerwise import LayerReport
 
 
 @main.command()
@@ -159,8 +159,8 @@ def render_parity(report: ParityReport) -> None:
 
 def render_layers(backend: str, reference: str, layers: LayerReport | str) -> None:
     """One pair layer by layer: the first divergence, then the layers most worth a look."""
-    from ..checks.layerwise import SHOWN
     from ..core.render import Column, format_table
+    from ..runtime.layerwise import SHOWN
 
     if isinstance(layers, str):
         emit(f"layerwise {backend} vs {reference}: none ({layers})")

@@ -167,7 +167,7 @@ class _Held:
 def error_budget(pre: Path, int8: Path, candidates: Sequence[str], inputs: np.ndarray, *,
                  batch_size: int = DEFAULT_BATCH) -> list[dict[str, Any]]:
     """Where the INT8 error enters: the prepared FP32 graph against the INT8 candidate
-    layer by layer (``checks.layerwise``), each candidate node ranked by the SQNR it adds
+    layer by layer (``runtime.layerwise``), each candidate node ranked by the SQNR it adds
     (its input's SQNR minus its output's), most first.
 
     One pass of both models, where a one-node-at-a-time search quantizes and runs the
@@ -175,7 +175,7 @@ def error_budget(pre: Path, int8: Path, candidates: Sequence[str], inputs: np.nd
     inside the whole INT8 model, where the search sees it alone: with entropy ranges the
     stem conv, first here, cut the top-1 drop from 2.5 to 1.55 points; the search's eight
     first choices left it at 2.25 (the note of the change has the figures)."""
-    from ...checks.layerwise import compare_layers
+    from ...runtime.layerwise import compare_layers
 
     [report] = compare_layers(OrtRunner(ModelFile.read(pre)),
                               [(OrtRunner(ModelFile.read(int8)), "int8")], _Held(inputs),

@@ -12,6 +12,9 @@ at (:func:`torch_target`).
 
 Inputs stream ``batch_size`` at a time, and only the statistics of each layer are kept, so
 memory holds one batch of intermediates whatever the number of images.
+
+It sits with the runners, below both of its users: parity's report (``--layerwise``) and
+quantize's fallback, which keeps in FP32 the layers where this finds most INT8 error.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import numpy as np
 from ..artifact.layers import for_model
 from ..artifact.metadata import load_onnx, metadata_from_proto
 from ..core.metrics import Tolerance, ToleranceOverrides, looser, round_sig
-from ..runtime.runners import OrtRunner, Runner, TorchRunner
+from .runners import OrtRunner, Runner, TorchRunner
 
 if TYPE_CHECKING:
     import onnx
