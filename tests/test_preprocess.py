@@ -56,8 +56,9 @@ def test_exif_orientation_applied(tmp_path: Path) -> None:
 def test_corrupt_image_is_a_user_error(tmp_path: Path) -> None:
     path = tmp_path / "broken.jpg"
     path.write_bytes(b"\xff\xd8 not really a jpeg")
-    with pytest.raises(UserError, match="broken.jpg"):
+    with pytest.raises(UserError, match="broken.jpg") as raised:
         load_image(path)
+    assert str(raised.value).count("broken.jpg") == 1  # Pillow's reason names it too
 
 
 def test_to_tensor_shape_and_normalisation() -> None:

@@ -54,7 +54,10 @@ def load_image(path: str | Path) -> Image.Image:
     except UserError:
         raise
     except Exception as exc:  # Pillow's decoders raise many types, bombs included
-        reason = str(exc).splitlines()[0][:120] if str(exc) else ""
+        # Pillow names the file in some reasons ("cannot identify image file 'x.jpg'"):
+        # the message names it once, in front.
+        reason = str(exc).splitlines()[0] if str(exc) else ""
+        reason = reason.replace(repr(str(path)), "").replace(str(path), "").strip()[:120]
         raise UserError(f"{path}: not a readable image ({type(exc).__name__}"
                         f"{': ' + reason if reason else ''})") from None
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
