@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -254,16 +255,85 @@ def test_serve_stops_clean_with_clients_connected(repository: Path, signum: int,
 
 def test_serve_a_model_that_fails_to_load_is_exit_2_with_tritons_reason(
         repository: Path, tmp_path: Path) -> None:
+    """A graph that parses, so the repository check passes it, but that onnxruntime in the
+    server cannot run: Triton's own reason, in one line."""
+    import onnx
+
     broken = Path(shutil.copytree(repository, tmp_path / "repo"))
-    (broken / "net" / "1" / "model.onnx").write_bytes(b"not a model")
+    model = onnx.load(str(broken / "net" / "1" / "model.onnx"))
+    next(n for n in model.graph.node if n.op_type == "Relu").op_type = "NoSuchOp"
+    onnx.save(model, str(broken / "net" / "1" / "model.onnx"))
     proc = subprocess.run([*cli_command(), "serve", str(broken), "--http-port", "0",
                            "--grpc-port", "0", "--no-metrics"], capture_output=True,
                           text=True, timeout=180)
     assert proc.returncode == 2, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
-    assert "net" in last and "load" in last.lower(), last
+    assert "'net' failed to load" in last and "NoSuchOp" in last, last
     assert not subprocess.run(["pgrep", "-f", f"model-repository={broken}"],
                               capture_output=True).stdout
+
+
+def _no_model_py(repo: Path) -> None:
+    (repo / "net_image" / "1" / "model.py").unlink()
+
+
+def _wrong_output_dims(repo: Path) -> None:
+    config = repo / "net" / "config.pbtxt"
+    config.write_text(config.read_text().replace("dims: 10", "dims: 7", 1))
+
+
+def _corrupt_model(repo: Path) -> None:
+    (repo / "net" / "1" / "model.onnx").write_bytes(b"not a model")
+
+
+@pytest.mark.parametrize("damage, message", [
+    (_no_model_py, "net_image/config.pbtxt: Triton would refuse it: 1/model.py is missing"),
+    (_wrong_output_dims, "net/config.pbtxt: Triton would refuse it: output 'logits': dims [7]"),
+    (_corrupt_model, "net/1/model.onnx: not a readable ONNX model"),
+])
+def test_serve_refuses_a_repository_triton_would_refuse_before_starting(
+        repository: Path, tmp_path: Path, damage: Any, message: str) -> None:
+    """A missing model.py left Triton waiting out --ready-timeout; output dims that
+    disagree with the graph were served. The package's rules now run first."""
+    broken = Path(shutil.copytree(repository, tmp_path / "repo"))
+    damage(broken)
+    result = _invoke("serve", broken, "--http-port", "0", "--grpc-port", "0", "--no-metrics")
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr.splitlines()[-1], result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--host", "no-such-host.invalid"), "--host 'no-such-host.invalid': no such address"),
+    (("--http-port", "FREE", "--grpc-port", "FREE"), "--http-port and --grpc-port are both"),
+    (("--http-port", "BUSY"), "is in use (--http-port)"),
+    (("--grpc-port", "BUSY"), "is in use (--grpc-port)"),
+    (("--metrics-port", "BUSY"), "is in use (--metrics-port)"),
+    (("--log", "MISSING"), "its folder does not exist; create it or pass another --log"),
+])
+def test_serve_refuses_addresses_it_cannot_serve_on(repository: Path, tmp_path: Path,
+                                                    args: tuple[str, ...], message: str) -> None:
+    """Each was Triton loading every model and then dying (a port in use: after readiness
+    was answered by the server holding it), a traceback (a host that does not resolve), an
+    empty error line (one port twice), or a log never written (its folder missing)."""
+    with socket.socket() as busy, socket.socket() as free:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        free.bind(("127.0.0.1", 0))
+        values = {"BUSY": str(busy.getsockname()[1]), "FREE": str(free.getsockname()[1]),
+                  "MISSING": str(tmp_path / "no-such-folder" / "triton.log")}
+        metrics = () if "--metrics-port" in args else ("--no-metrics",)
+        result = _invoke("serve", repository, "--http-port", "0", "--grpc-port", "0", *metrics,
+                         *[values.get(a, a) for a in args])
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr.splitlines()[-1], result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_serve_names_the_flag_that_lets_a_slow_start_finish(repository: Path) -> None:
+    result = _invoke("serve", repository, "--http-port", "0", "--grpc-port", "0",
+                     "--no-metrics", "--ready-timeout", "0.001")
+    assert result.exit_code == 2
+    assert result.stderr.splitlines()[-1].endswith("raise --ready-timeout"), result.stderr
 
 
 def test_serve_check_images_proves_the_repository_and_stops(repository: Path,

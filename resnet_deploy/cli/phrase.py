@@ -12,7 +12,8 @@ import click
 FLAG_ALIASES = {"trt_cache_dir": "--trt-cache", "provider": "--provider", "check": "--no-check",
                 "duration_s": "--duration", "plot": "--plot", "instance_count": "--instances",
                 "max_queue_delay_us": "--queue-delay-us",
-                "preferred_batch_sizes": "--preferred-batch-size"}
+                "preferred_batch_sizes": "--preferred-batch-size",
+                "ready_timeout_s": "--ready-timeout"}
 PARAMETER = re.compile(r"`([a-z][a-z0-9_]*)`")
 
 

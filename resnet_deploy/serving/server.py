@@ -23,6 +23,7 @@ import collections
 import contextlib
 import ctypes
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -45,6 +46,7 @@ from typing import Any, Self
 from ..core.errors import UserError
 from ..core.progress import Progress, to_log
 from .stub_env import StubEnv, stub_env
+from .triton import check_repository
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,8 @@ PYTHON_ENV_PREFIX = "python_env_"
 # A log line after which loading never ends: the stub cannot start.
 STUCK = re.compile(r"(error while loading shared libraries: .*|triton_python_backend_stub: .*"
                    r"(not found|No such file).*)")
+# A service (HTTP, gRPC, metrics) that cannot start: Triton exits after its models loaded.
+NO_SERVICE = re.compile(r"failed to start \w+ service: [^\"]*")
 _PR_SET_PDEATHSIG = 1
 
 
@@ -78,12 +82,27 @@ class ServerOptions:
     log_path: Path | None = None
 
     def __post_init__(self) -> None:
+        ports: dict[int, str] = {}
         for name in ("http_port", "grpc_port", "metrics_port"):
             port = getattr(self, name)
             if port is not None and not 1 <= port <= 65535:
                 raise UserError(f"`{name}` {port}: a port is 1-65535")
+            if port is not None and port in ports:  # Triton dies on it with an empty line
+                raise UserError(f"`{ports[port]}` and `{name}` are both {port}; give each its "
+                                "own port (0: a free one)")
+            ports.setdefault(port, name)
         if self.ready_timeout_s <= 0:
             raise UserError("`ready_timeout_s` takes a positive number of seconds")
+        try:
+            socket.getaddrinfo(self.host, None)
+        except (socket.gaierror, UnicodeError) as exc:
+            raise UserError(f"`host` {self.host!r}: no such address ({exc}); give an address "
+                            f"of this machine: {LOOPBACK} (this machine only) or 0.0.0.0 "
+                            "(every interface)") from None
+        if self.log_path is not None and not Path(self.log_path).parent.is_dir():
+            # Triton's log is appended by a thread, where a failure would go unseen.
+            raise UserError(f"{self.log_path}: its folder does not exist; create it or pass "
+                            "another `log_path`")
 
 
 @dataclass(frozen=True)
@@ -98,10 +117,20 @@ class ServedModel:
         return dataclasses.asdict(self)
 
 
-def free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+def free_port(host: str, port: int = 0, name: str = "port") -> int:
+    """``port`` checked free on ``host`` (0: a free one, chosen by the system). A port in
+    use would let Triton load every model and then die, or worse, answer the readiness
+    checks from the server that holds it."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((host, port))
+            return int(sock.getsockname()[1])
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise UserError(f"port {port} on {host} is in use (`{name}`); stop what holds it "
+                            "or pass another port (0: a free one)") from None
+        raise UserError(f"`host` {host!r}: cannot listen there ({exc.strerror}); give an "
+                        f"address of this machine: {LOOPBACK} or 0.0.0.0") from None
 
 
 def repository_models(repository: Path) -> list[str]:
@@ -161,9 +190,10 @@ class TritonServer:
         self.say = progress or to_log
         self.env = env
         host = options.host
-        self.http_port = options.http_port or free_port(host)
-        self.grpc_port = options.grpc_port or free_port(host)
-        self.metrics_port = options.metrics_port
+        self.http_port = free_port(host, options.http_port or 0, "http_port")
+        self.grpc_port = free_port(host, options.grpc_port or 0, "grpc_port")
+        self.metrics_port = None if options.metrics_port is None else \
+            free_port(host, options.metrics_port, "metrics_port")
         self.shm_prefix = f"rdtriton{os.getpid()}x{uuid.uuid4().hex[:8]}_"
         self.proc: subprocess.Popen[str] | None = None
         self.log: collections.deque[str] = collections.deque(maxlen=4000)
@@ -230,6 +260,7 @@ class TritonServer:
     # --- life cycle --------------------------------------------------------------------
 
     def start(self) -> Self:
+        check_repository(self.repository)  # what Triton would refuse, said before it runs
         binary, backends, environ, extra = self._binary_and_backends()
         self._tmp_before = set(self._python_env_dirs())
         self._pycache_before = self._pycaches()
@@ -281,6 +312,7 @@ class TritonServer:
                 raise ServerFailed(f"{self.repository}: {failed[0]}"
                                    + (f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""))
             if states and all(states.get(n, {}).get("state") == "READY" for n in wanted):
+                self._check_alive()  # READY, but a service may have failed to start
                 return
             if time.monotonic() > deadline:
                 pending = sorted(n for n in wanted if states.get(n, {}).get("state") != "READY")
@@ -294,6 +326,9 @@ class TritonServer:
             if STUCK.search(line):
                 raise ServerFailed(f"Triton's Python stub cannot start: "
                                    f"{STUCK.search(line).group(0)}")  # type: ignore[union-attr]
+            if NO_SERVICE.search(line):
+                raise ServerFailed(f"Triton could not serve: "
+                                   f"{NO_SERVICE.search(line).group(0)}")  # type: ignore[union-attr]
         if self.proc is None or self.proc.poll() is not None:
             errors = [ln for ln in self.log if ln.startswith("E") and "CudaDriver" not in ln]
             last = (errors or list(self.log) or ["no output"])[-1]
