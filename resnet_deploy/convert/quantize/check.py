@@ -18,7 +18,7 @@ from ...artifact.model_file import ModelFile
 from ...core.errors import UserError
 from ...core.files import file_sha256
 from ...core.machine import cpu_info, saturates
-from ...core.metrics import CheckResult, ToleranceOverrides, hits, round_sig
+from ...core.metrics import CheckResult, ToleranceOverrides, hits
 from ...core.progress import Progress
 from ...data.folders import LabelledImages, labelled_images, read_images
 from ...data.images import list_images, seeded_subset
@@ -184,14 +184,10 @@ def error_budget(pre: Path, int8: Path, candidates: Sequence[str], inputs: np.nd
     wanted = set(candidates)
     ranked = sorted((row for row in report.layers if row.node in wanted),
                     key=lambda row: -(row.added_db if row.added_db is not None else -math.inf))
-    return [{"rank": rank, "node": row.node, "op_type": row.op, "added_db": _db(row.added_db),
-             "sqnr_db": _db(row.sqnr_db), "cosine_p1": round_sig(row.cosine_p1)}
+    return [{"rank": rank, "node": row.node, "op_type": row.op,
+             **{key: value for key, value in row.to_dict(budget=True).items()
+                if key in ("added_db", "sqnr_db", "cosine_p1")}}
             for rank, row in enumerate(ranked, 1)]
-
-
-def _db(value: float | None) -> float | None:
-    """dB for the report: None where it is infinite (an exact match)."""
-    return round_sig(value) if value is not None and math.isfinite(value) else None
 
 
 @dataclass(frozen=True)
