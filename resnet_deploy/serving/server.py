@@ -190,10 +190,9 @@ class TritonServer:
         self.say = progress or to_log
         self.env = env
         host = options.host
-        self.http_port = free_port(host, options.http_port or 0, "http_port")
-        self.grpc_port = free_port(host, options.grpc_port or 0, "grpc_port")
-        self.metrics_port = None if options.metrics_port is None else \
-            free_port(host, options.metrics_port, "metrics_port")
+        self.http_port = options.http_port or free_port(host)
+        self.grpc_port = options.grpc_port or free_port(host)
+        self.metrics_port = options.metrics_port
         self.shm_prefix = f"rdtriton{os.getpid()}x{uuid.uuid4().hex[:8]}_"
         self.proc: subprocess.Popen[str] | None = None
         self.log: collections.deque[str] = collections.deque(maxlen=4000)
@@ -262,6 +261,9 @@ class TritonServer:
     def start(self) -> Self:
         check_repository(self.repository)  # what Triton would refuse, said before it runs
         binary, backends, environ, extra = self._binary_and_backends()
+        for name in ("http_port", "grpc_port", "metrics_port"):
+            if getattr(self.options, name) is not None:  # given, not chosen free here
+                free_port(self.options.host, getattr(self, name), name)
         self._tmp_before = set(self._python_env_dirs())
         self._pycache_before = self._pycaches()
         self._started = time.time()
