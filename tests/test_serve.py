@@ -329,6 +329,28 @@ def test_serve_refuses_addresses_it_cannot_serve_on(repository: Path, tmp_path: 
     assert "Traceback" not in result.output
 
 
+def test_a_port_left_in_time_wait_is_free_and_a_listening_one_is_not() -> None:
+    """Triton binds with SO_REUSEADDR, so the check does too: the connections a stopped
+    server leaves in TIME_WAIT (8000 after the README's server, in this suite) do not
+    hold its port; a listening socket does."""
+    from resnet_deploy.core.errors import UserError
+    from resnet_deploy.serving.server import free_port
+
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port), timeout=5)
+        accepted, _ = listener.accept()
+        accepted.close()  # the server side closes first: its end waits in TIME_WAIT
+        time.sleep(0.1)
+        client.close()
+        with pytest.raises(UserError, match=f"port {port} on 127.0.0.1 is in use"):
+            free_port("127.0.0.1", port, "http_port")
+    assert free_port("127.0.0.1", port, "http_port") == port
+
+
 def test_serve_names_the_flag_that_lets_a_slow_start_finish(repository: Path) -> None:
     result = _invoke("serve", repository, "--http-port", "0", "--grpc-port", "0",
                      "--no-metrics", "--ready-timeout", "0.001")

@@ -123,6 +123,9 @@ def free_port(host: str, port: int = 0, name: str = "port") -> int:
     checks from the server that holds it."""
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            # As Triton binds: a port whose last connections are in TIME_WAIT is free to
+            # listen on; only a listening socket holds it.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((host, port))
             return int(sock.getsockname()[1])
     except OSError as exc:
