@@ -176,7 +176,6 @@ class Inputs:
             raise UserError(f"{self.root}: holds no readable image; point `images` at a folder "
                             "of photos")
 
-
     def first(self, count: int) -> Inputs:
         """The first ``count`` inputs of a finished pass, as new inputs: the same random draws
         or the same readable photos (none decoded twice in vain, no skip warned twice)."""
@@ -436,8 +435,9 @@ def compare_backends(models: Sequence[str | Path], *, weights: str | None = None
     if load_outputs_from is not None and (weights or options.reference):
         raise UserError("`load_outputs` is the reference; drop `weights`/`reference`")
     if load_outputs_from is not None and options.layerwise:
-        raise UserError("`layerwise` needs a reference that runs, and golden outputs hold only "
-                        "logits; drop `load_outputs` and give `weights` or a reference model")
+        raise UserError(f"{load_outputs_from}: golden outputs hold only logits, so "
+                        "`layerwise` has no reference layers; drop `load_outputs` and give "
+                        "`weights` or a `reference` model")
     if options.layerwise and options.layerwise_images < 1:
         raise UserError("`layerwise_images` must be at least 1")
     if not models and weights is None:

@@ -105,10 +105,6 @@ def parity(models: tuple[Path, ...], weights: str | None, providers: tuple[str, 
     if layerwise_images is not None and not layerwise:
         raise UserError("--layerwise-images says how many inputs --layerwise uses; add "
                         "--layerwise")
-    if layerwise and load_outputs is not None:
-        raise UserError(f"{load_outputs}: golden outputs hold only logits, so --layerwise has "
-                        "no reference layers; drop --load-outputs and give --weights or a "
-                        "reference --model")
     options = ParityOptions(
         providers=providers, reference=reference, batch_size=batch_size,
         tolerances=ToleranceOverrides(atol, rtol, min_cosine, min_top1),

@@ -189,7 +189,8 @@ def torch_target(model: nn.Module, point: Point) -> tuple[str, int] | None:
 
 
 class OnnxSide:
-    """A model with its points as extra outputs, on a copy in memory; keys are node names."""
+    """A model with its points as extra outputs, on a copy in memory; keys are the points'
+    nodes (:func:`_key`)."""
 
     def __init__(self, runner: OrtRunner) -> None:
         import onnx
